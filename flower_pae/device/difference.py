@@ -1,0 +1,38 @@
+"""Device-defined prediction differences, and the device's additive prediction.
+
+The server never sees a label: it sees ``Q·t``, where ``t = pinv(W_t)·(onehot(y) −
+softmax(z))`` lifts the residual the side network must add into the backbone's hidden space,
+and ``Q`` is the cohort's secret rotation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def residual(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``onehot(y) − softmax(z)``: what must be added to the backbone's label distribution."""
+    onehot = torch.nn.functional.one_hot(labels.long(), logits.shape[-1]).to(logits.dtype)
+    return onehot - torch.softmax(logits, dim=-1)
+
+
+def lift(rows: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``t = pinv(W_t)·r`` for each row of ``r``: the hidden-space vector with ``W_t·t = r``."""
+    return r.double() @ torch.linalg.pinv(rows.double()).T
+
+
+def mask(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Rotate hidden-space targets by the secret ``Q`` (row vectors: ``t·Qᵀ``)."""
+    return (t.double() @ q.T).float()
+
+
+def unmask(s_masked: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Decode the side network's masked output: ``s = Qᵀ·s̃`` (row vectors: ``s̃·Q``)."""
+    return (s_masked.double() @ q).float()
+
+
+def additive_prediction(
+    logits: torch.Tensor, rows: torch.Tensor, side: torch.Tensor
+) -> torch.Tensor:
+    """``argmax(softmax(z) + W_t·s)``: the backbone's prediction plus the side correction."""
+    return (torch.softmax(logits, dim=-1) + side @ rows.T).argmax(dim=-1)

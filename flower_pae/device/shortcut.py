@@ -1,0 +1,87 @@
+"""The activation shortcut: one inference-mode forward, keep only the pivot token.
+
+The pivot is the last prompt position, where the label word is predicted. For each selected
+layer we keep its hidden state there, ``A ∈ R^{L×d}``; every other position is dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flower_pae.backbone import Backbone
+
+
+@dataclass
+class PivotFeatures:
+    """Backbone outputs at the pivot token for a batch of prompts."""
+
+    acts: torch.Tensor  # (N, L, d) hidden states of the selected layers
+    final: torch.Tensor  # (N, d) final normed hidden state h (what the LM head reads)
+    seconds: float  # wall time of the forward passes
+    tokens: int  # prompt tokens processed
+
+
+def truncate_text(backbone: Backbone, text: str, max_tokens: int) -> str:
+    """Cut a text to ``max_tokens`` tokens so the prompt's end (the pivot) always survives."""
+    ids = backbone.tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) <= max_tokens:
+        return text
+    return backbone.tokenizer.decode(ids[:max_tokens])
+
+
+@torch.inference_mode()
+def pivot_features(
+    backbone: Backbone,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 8,
+) -> PivotFeatures:
+    """Run the frozen backbone once per prompt and keep only the pivot token's states."""
+    tok, model = backbone.tokenizer, backbone.model
+    acts, finals, tokens = [], [], 0
+    idx = torch.tensor(list(layers))
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens from 0
+        out = model(
+            input_ids=enc["input_ids"],
+            attention_mask=mask,
+            position_ids=positions,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        states = torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1)  # (B, L+1, d)
+        acts.append(states[:, idx, :].float())
+        finals.append(states[:, -1, :].float())
+        tokens += int(mask.sum())
+    seconds = time.perf_counter() - start
+    d = backbone.hidden_size
+    if not acts:
+        empty = torch.zeros(0, len(layers), d)
+        return PivotFeatures(empty, torch.zeros(0, d), seconds, 0)
+    return PivotFeatures(torch.cat(acts), torch.cat(finals), seconds, tokens)
+
+
+def label_rows(backbone: Backbone, labels: Sequence[str]) -> torch.Tensor:
+    """Frozen LM-head rows of the label words, ``W_t ∈ R^{C×d}``.
+
+    A label word of several tokens (" very negative") is scored by the mean of its tokens'
+    rows, so labels that share a first token (" very") still get distinct rows and the
+    shortcut stays at the pivot position. For a one-token label this is exactly the
+    model's own logit for that token.
+    """
+    weight = backbone.lm_head_weight().float()
+    rows = []
+    for label in labels:
+        ids = backbone.tokenizer(" " + label, add_special_tokens=False).input_ids
+        rows.append(weight[ids].mean(dim=0))
+    w = torch.stack(rows)
+    if torch.linalg.matrix_rank(w.double()) < len(labels):
+        raise ValueError(f"label words {list(labels)} do not give distinct LM-head rows")
+    return w

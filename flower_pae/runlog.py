@@ -1,0 +1,132 @@
+"""The run directory: the contract that tests, benchmarks and ``analysis`` rely on.
+
+- ``messages.parquet``: one row per Flower message, both directions, with its serialized bytes;
+- ``metrics.parquet``: long format (round, task, node_id, metric, value);
+- ``config.json``: every setting, the seed and package versions;
+- ``summary.json``: final figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from flwr.app import Message
+from flwr.common.serde import message_to_proto
+
+from flower_pae.wire import message_bytes
+
+MESSAGE_COLUMNS = [
+    "round",
+    "phase",
+    "node_id",
+    "direction",
+    "task_key",
+    "payload_bytes",
+    "num_samples",
+    "ok",
+]
+METRIC_COLUMNS = ["round", "task", "node_id", "metric", "value"]
+_PACKAGES = ("flower-pae", "flwr", "torch", "transformers", "peft", "ray", "pandas", "numpy")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+class RunRecorder:
+    """Collects messages and metrics during a run and writes the run directory."""
+
+    def __init__(self, out_dir: str | Path, config: dict[str, Any], record_wire: bool = False):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.record_wire = record_wire
+        self._messages: list[dict[str, Any]] = []
+        self._metrics: list[dict[str, Any]] = []
+        payload = {"settings": config, "seed": config.get("seed"), "versions": versions()}
+        (self.out_dir / "config.json").write_text(json.dumps(payload, indent=2))
+
+    def message(
+        self,
+        server_round: int,
+        phase: str,
+        message: Message,
+        direction: str,
+        task_key: str | None = None,
+        num_samples: int = 0,
+    ) -> None:
+        """Record one message; ``direction`` is "down" (server → device) or "up"."""
+        node = message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id
+        row = {
+            "round": server_round,
+            "phase": phase,
+            "node_id": int(node),
+            "direction": direction,
+            "task_key": task_key,
+            "payload_bytes": message_bytes(message),
+            "num_samples": int(num_samples),
+            "ok": not message.has_error(),
+        }
+        self._messages.append(row)
+        if self.record_wire:
+            wire = self.out_dir / "wire"
+            wire.mkdir(exist_ok=True)
+            name = f"{server_round:04d}-{phase}-{direction}-{node}-{len(self._messages):06d}.pb"
+            (wire / name).write_bytes(message_to_proto(message).SerializeToString())
+
+    def metric(
+        self,
+        server_round: int,
+        metric: str,
+        value: float,
+        task: str | None = None,
+        node_id: int | None = None,
+    ) -> None:
+        self._metrics.append(
+            {
+                "round": server_round,
+                "task": task,
+                "node_id": node_id,
+                "metric": metric,
+                "value": float(value),
+            }
+        )
+
+    def messages_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self._messages, columns=MESSAGE_COLUMNS).astype(
+            {"node_id": "uint64", "payload_bytes": "int64", "num_samples": "int64"}
+        )
+
+    def metrics_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self._metrics, columns=METRIC_COLUMNS)
+        # Node ids are 64-bit: build the nullable column directly, never through float.
+        frame["node_id"] = pd.array([m["node_id"] for m in self._metrics], dtype="UInt64")
+        return frame.astype({"round": "int64", "value": "float64"})
+
+    def write(self, summary: dict[str, Any]) -> None:
+        self.messages_frame().to_parquet(self.out_dir / "messages.parquet", index=False)
+        self.metrics_frame().to_parquet(self.out_dir / "metrics.parquet", index=False)
+        text = json.dumps(_finite(summary), indent=2, default=float, allow_nan=False)
+        (self.out_dir / "summary.json").write_text(text)
+
+
+def _finite(value: Any) -> Any:
+    """NaN/Inf become null so that summary.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

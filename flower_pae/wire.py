@@ -1,0 +1,86 @@
+"""What crosses the wire: Flower records <-> tensors, and byte accounting.
+
+Both sides import this module; it holds no secret and no label. The upload record of a
+training reply has exactly the keys in :data:`UPLOAD_KEYS`, so a privacy test can check
+that nothing else is ever sent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+ID_BYTES = 16
+PRECISIONS = ("fp16", "int8")
+
+# Record names used in messages (both directions).
+UPLOAD = "upload"  # ArrayRecord: a device's new samples
+UPLOAD_KEYS_FP16 = {"ids", "acts", "targets"}
+UPLOAD_KEYS_INT8 = {"ids", "acts", "scales", "targets"}
+HELD = "held"  # ArrayRecord: ids the server already caches for the receiving node
+SIDE_NET = "side_net"  # ArrayRecord: the side network's weights
+SIDE_META = "side_meta"  # ConfigRecord: how to rebuild the side network
+CONFIG = "config"  # ConfigRecord: round settings
+METRICS = "metrics"  # MetricRecord: device-side figures
+
+
+def encode_activations(acts: torch.Tensor, precision: str) -> dict[str, np.ndarray]:
+    """Quantize pivot activations (N, L, d) for upload: fp16, or int8 with a scale per layer."""
+    if precision == "fp16":
+        return {"acts": acts.to(torch.float16).numpy()}
+    if precision == "int8":
+        scales = acts.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+        q = torch.round(acts / scales).clamp(-127, 127).to(torch.int8)
+        return {"acts": q.numpy(), "scales": scales.squeeze(-1).to(torch.float16).numpy()}
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def decode_activations(arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    """Inverse of :func:`encode_activations`, to float32."""
+    acts = torch.from_numpy(np.ascontiguousarray(arrays["acts"]))
+    if acts.dtype == torch.int8:
+        scales = torch.from_numpy(np.ascontiguousarray(arrays["scales"])).float()
+        return acts.float() * scales.unsqueeze(-1)
+    return acts.float()
+
+
+def ids_to_array(ids: list[bytes]) -> np.ndarray:
+    if not ids:
+        return np.zeros((0, ID_BYTES), dtype=np.uint8)
+    return np.frombuffer(b"".join(ids), dtype=np.uint8).reshape(len(ids), ID_BYTES).copy()
+
+
+def array_to_ids(arr: np.ndarray) -> list[bytes]:
+    arr = np.asarray(arr, dtype=np.uint8).reshape(-1, ID_BYTES)
+    return [row.tobytes() for row in arr]
+
+
+def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def side_network_records(meta: dict, state: dict[str, torch.Tensor]) -> RecordDict:
+    """Pack the side network for download (weights as float32 arrays, meta as JSON)."""
+    arrays = {k: v.detach().cpu().float().numpy() for k, v in state.items()}
+    return RecordDict(
+        {SIDE_NET: array_record(arrays), SIDE_META: ConfigRecord({"json": json.dumps(meta)})}
+    )
+
+
+def side_network_from_records(content: RecordDict) -> tuple[dict, dict[str, torch.Tensor]]:
+    meta = json.loads(str(content[SIDE_META]["json"]))
+    state = {k: torch.from_numpy(v.copy()) for k, v in record_arrays(content[SIDE_NET]).items()}
+    return meta, state
+
+
+def message_bytes(message: Message) -> int:
+    """Bytes of a message as Flower serializes it for transport (all its deflated objects)."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())

@@ -1,0 +1,107 @@
+"""The device as a Flower ClientApp: backbone forwards, masked differences, local evaluation.
+
+It only routes messages to :class:`flower_pae.device.device.Device`; everything it knows comes
+from its run config, its node config (partition id) and the messages it receives.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flower_pae.config import RunConfig
+from flower_pae.device.device import Device, peak_rss_mb
+from flower_pae.side_network import LadderSideNetwork
+from flower_pae.wire import (
+    CONFIG,
+    HELD,
+    METRICS,
+    UPLOAD,
+    array_record,
+    array_to_ids,
+    record_arrays,
+    side_network_from_records,
+)
+
+_DEVICES: dict[tuple[str, int], Device] = {}
+
+
+def _device(cfg: RunConfig, context: Context) -> Device:
+    """One Device per (settings, partition) per process: the backbone loads once per actor."""
+    pid = int(context.node_config["partition-id"])
+    key = (json.dumps(cfg.to_dict(), sort_keys=True), pid)
+    if key not in _DEVICES:
+        _DEVICES[key] = Device(cfg, pid)
+    return _DEVICES[key]
+
+
+class _TestFeatureStore:
+    """Keeps a device's test-set backbone outputs in its Flower ``Context.state``."""
+
+    def __init__(self, state: RecordDict) -> None:
+        self.state = state
+
+    def __contains__(self, name: str) -> bool:
+        return f"test:{name}" in self.state
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        arrays = record_arrays(self.state[f"test:{name}"])
+        return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+
+    def __setitem__(self, name: str, value: dict[str, torch.Tensor]) -> None:
+        self.state[f"test:{name}"] = array_record({k: v.numpy() for k, v in value.items()})
+
+
+def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """A ClientApp with fixed settings, or (``None``) settings from Flower's run config."""
+    app = ClientApp()
+
+    def settings(context: Context) -> RunConfig:
+        return cfg if cfg is not None else RunConfig.from_dict(dict(context.run_config))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        device = _device(settings(context), context)
+        server_round = int(msg.content[CONFIG]["round"])
+        held = set(array_to_ids(msg.content[HELD]["ids"].numpy()))
+        upload = device.upload(server_round, held)
+        metrics = MetricRecord(
+            {
+                "num-examples": upload.num_samples,
+                "forward_seconds": upload.forward_seconds,
+                "forward_tokens": upload.forward_tokens,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
+        content = RecordDict(
+            {
+                UPLOAD: array_record(upload.arrays),
+                CONFIG: ConfigRecord({"task_key": upload.task_key}),
+                METRICS: metrics,
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        device = _device(settings(context), context)
+        server_round = int(msg.content[CONFIG]["round"])
+        meta, state = side_network_from_records(msg.content)
+        net = LadderSideNetwork.from_state(meta, state)
+        results = device.evaluate(server_round, net, _TestFeatureStore(context.state))
+        seen = [r for r in results if not r.upcoming]
+        metrics: dict[str, int | float] = {"num-examples": sum(r.total for r in seen)}
+        for r in results:
+            prefix = f"{r.task_key}/upcoming_" if r.upcoming else f"{r.task_key}/"
+            metrics[f"{prefix}correct"] = r.correct
+            metrics[f"{prefix}zero_shot_correct"] = r.zero_shot_correct
+            metrics[f"{prefix}total"] = r.total
+        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

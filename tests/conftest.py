@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random model of the SmolLM2 family, the shared benchmark data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl_benchmark"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted once into the cache (skips without it)."""
+    from flower_pae.backbone import BackboneError, converted_default_model
+
+    try:
+        return converted_default_model()
+    except BackboneError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer (fast, same family)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-smollm2")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data/cl_benchmark not present (it is on CI and dev machines)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_env(tmp_path_factory):
+    """Keep the converted model in the user's cache, but secrets in a throwaway dir."""
+    os.environ.setdefault("FLOWER_PAE_COHORT_SECRET", "ab" * 32)
+    yield
