@@ -41,6 +41,8 @@ class RunConfig:
     layers: str = "all"
     precision: str = "fp16"
     batch_size: int = 8
+    activation_store: bool = True
+    store_max_gb: float = 8.0
     # server: side network and its training
     method: str = "oa"
     r_max: int = 16

@@ -7,10 +7,12 @@ from its run config, its node config (partition id) and the messages it receives
 from __future__ import annotations
 
 import json
+from logging import INFO
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from flower_pae.config import RunConfig
 from flower_pae.device.device import Device, peak_rss_mb
@@ -68,11 +70,19 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         server_round = int(msg.content[CONFIG]["round"])
         held = set(array_to_ids(msg.content[HELD]["ids"].numpy()))
         upload = device.upload(server_round, held)
+        log(
+            INFO,
+            "device %d, round %d: %d new samples of task %s forwarded in %.1fs",
+            device.partition_id,
+            server_round,
+            upload.num_samples,
+            upload.task_key,
+            upload.forward_seconds,
+        )
         metrics = MetricRecord(
             {
                 "num-examples": upload.num_samples,
                 "forward_seconds": upload.forward_seconds,
-                "forward_tokens": upload.forward_tokens,
                 "peak_rss_mb": peak_rss_mb(),
             }
         )

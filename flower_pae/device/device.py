@@ -20,7 +20,18 @@ from flower_pae.data import Task, load_task, partition, resolve_stream
 from flower_pae.device.difference import additive_prediction, lift, mask, residual, unmask
 from flower_pae.device.secret import CohortSecret
 from flower_pae.device.shortcut import label_rows, pivot_features, truncate_text
+from flower_pae.device.store import ActivationStore
 from flower_pae.wire import encode_activations, ids_to_array
+
+
+@dataclass
+class Features:
+    """Backbone outputs of a batch of samples, at the pivot token."""
+
+    acts: torch.Tensor  # (N, L, d)
+    logits: torch.Tensor  # (N, C) label logits z = W_t·h
+    rows: torch.Tensor  # (C, d) label rows W_t
+    seconds: float  # forward time (measured when first computed, if from the store)
 
 
 @dataclass
@@ -30,7 +41,6 @@ class Upload:
     task_key: str
     arrays: dict[str, np.ndarray]  # ids, acts (+ scales), targets
     forward_seconds: float
-    forward_tokens: int
 
     @property
     def num_samples(self) -> int:
@@ -131,13 +141,30 @@ class Device:
     def _prompts(self, task: Task, texts: list[str]) -> list[str]:
         return [task.prompt(truncate_text(self.backbone, t, self.cfg.max_tokens)) for t in texts]
 
-    def features(self, task: Task, texts: list[str]):
-        """Pivot activations, final hidden state and label logits of the frozen backbone."""
-        feats = pivot_features(
-            self.backbone, self._prompts(task, texts), self.layers, self.cfg.batch_size
+    @functools.cached_property
+    def store(self) -> ActivationStore | None:
+        if not self.cfg.activation_store:
+            return None
+        return ActivationStore(
+            cache_dir() / "activations", max_bytes=int(self.cfg.store_max_gb * 2**30)
         )
+
+    def features(self, task: Task, texts: list[str]) -> Features:
+        """Pivot activations, label logits and forward time of the frozen backbone."""
+        prompts = self._prompts(task, texts)
+
+        def compute(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor, float]:
+            f = pivot_features(self.backbone, batch, self.layers, self.cfg.batch_size)
+            return f.acts, f.final, f.seconds
+
+        if self.store is not None:
+            acts, final, seconds = self.store.features(
+                self.cfg.model, self.layers, prompts, compute
+            )
+        else:
+            acts, final, seconds = compute(prompts)
         rows = label_rows(self.backbone, task.labels)
-        return feats, feats.final @ rows.T, rows
+        return Features(acts, final @ rows.T, rows, seconds)
 
     # ---- training upload -----------------------------------------------------------------
     def upload(self, server_round: int, held: set[bytes]) -> Upload:
@@ -153,14 +180,14 @@ class Device:
         if not new:
             arrays = encode_activations(torch.zeros(0, len(self.layers), d), self.cfg.precision)
             arrays.update(ids=ids_to_array([]), targets=np.zeros((0, d), np.float32))
-            return Upload(self.task_key(index), arrays, 0.0, 0)
-        feats, logits, rows = self.features(task, [ex.text for _, ex in new])
+            return Upload(self.task_key(index), arrays, 0.0)
+        feats = self.features(task, [ex.text for _, ex in new])
         labels = torch.tensor([ex.label for _, ex in new])
-        target = lift(rows, residual(logits, labels))
+        target = lift(feats.rows, residual(feats.logits, labels))
         masked = mask(target, self.secret.rotation(d))
         arrays = encode_activations(feats.acts, self.cfg.precision)
         arrays.update(ids=ids_to_array([i for i, _ in new]), targets=masked.numpy())
-        return Upload(self.task_key(index), arrays, feats.seconds, feats.tokens)
+        return Upload(self.task_key(index), arrays, feats.seconds)
 
     # ---- local evaluation ----------------------------------------------------------------
     def test_features(self, index: int, store: dict | None = None) -> dict[str, torch.Tensor]:
@@ -172,10 +199,10 @@ class Device:
         if store is not None and name in store:
             return store[name]
         examples = self._shard(index, "test")
-        feats, logits, _ = self.features(self.task(index), [ex.text for ex in examples])
+        feats = self.features(self.task(index), [ex.text for ex in examples])
         out = {
             "acts": feats.acts,
-            "logits": logits,
+            "logits": feats.logits,
             "labels": torch.tensor([ex.label for ex in examples], dtype=torch.long),
         }
         if store is not None:

@@ -74,7 +74,11 @@ def label_rows(backbone: Backbone, labels: Sequence[str]) -> torch.Tensor:
     A label word of several tokens (" very negative") is scored by the mean of its tokens'
     rows, so labels that share a first token (" very") still get distinct rows and the
     shortcut stays at the pivot position. For a one-token label this is exactly the
-    model's own logit for that token.
+    model's own logit for that token. Rows can be linearly dependent (amazon's five
+    sentiment labels span only four dimensions: "very negative" − "negative" =
+    "very positive" − "positive" up to a factor); ``pinv`` then lifts the least-squares
+    part of a residual, and every class stays reachable by argmax since no row lies in
+    the convex hull of the others.
     """
     weight = backbone.lm_head_weight().float()
     rows = []
@@ -82,6 +86,6 @@ def label_rows(backbone: Backbone, labels: Sequence[str]) -> torch.Tensor:
         ids = backbone.tokenizer(" " + label, add_special_tokens=False).input_ids
         rows.append(weight[ids].mean(dim=0))
     w = torch.stack(rows)
-    if torch.linalg.matrix_rank(w.double()) < len(labels):
+    if torch.cdist(w, w).add(torch.eye(len(labels))).min() < 1e-6:
         raise ValueError(f"label words {list(labels)} do not give distinct LM-head rows")
     return w

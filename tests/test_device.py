@@ -1,0 +1,133 @@
+"""The device side: shortcut features, label logits, differences and the secret."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flower_pae.backbone import load_backbone, select_layers
+from flower_pae.device.difference import additive_prediction, lift, mask, residual, unmask
+from flower_pae.device.secret import CohortSecret
+from flower_pae.device.shortcut import label_rows, pivot_features, truncate_text
+
+PROMPTS = ["Short one.\nAnswer:", "A much longer prompt that needs padding on the left.\nAnswer:"]
+
+
+def _logits_at_pivot(backbone, prompt: str) -> torch.Tensor:
+    enc = backbone.tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        return backbone.model(**enc).logits[0, -1]
+
+
+def _check_label_logits(backbone, labels, atol):
+    feats = pivot_features(backbone, PROMPTS, select_layers("all", backbone.num_layers))
+    rows = label_rows(backbone, labels)
+    z = feats.final @ rows.T
+    for i, prompt in enumerate(PROMPTS):
+        logits = _logits_at_pivot(backbone, prompt)
+        ids = [backbone.tokenizer(" " + w, add_special_tokens=False).input_ids for w in labels]
+        expected = torch.stack([logits[t].mean() for t in ids])
+        assert torch.allclose(z[i], expected, atol=atol), (z[i], expected)
+    return feats
+
+
+def test_shortcut_keeps_one_token_and_matches_the_model(tiny_model_dir):
+    backbone = load_backbone(str(tiny_model_dir))
+    feats = _check_label_logits(backbone, ["World", "Sports", "very negative"], atol=1e-4)
+    assert feats.acts.shape == (2, backbone.num_layers, backbone.hidden_size)
+    # left padding must not change a prompt's features: compare with a batch of one
+    alone = pivot_features(backbone, PROMPTS[:1], select_layers("all", backbone.num_layers))
+    assert torch.allclose(alone.acts[0], feats.acts[0], atol=1e-4)
+
+
+def test_label_words_sharing_a_first_token_stay_distinct(tiny_model_dir):
+    backbone = load_backbone(str(tiny_model_dir))
+    rows = label_rows(
+        backbone, ["very negative", "negative", "neutral", "positive", "very positive"]
+    )
+    assert torch.cdist(rows, rows).add(torch.eye(5)).min() > 1e-3
+    # every class can win: for each row, some hidden state ranks it first
+    for c in range(5):
+        sol = torch.linalg.lstsq(
+            rows, 10 * torch.nn.functional.one_hot(torch.tensor(c), 5).float()
+        ).solution
+        assert (rows @ sol).argmax() == c
+
+
+def test_truncation_keeps_the_pivot(tiny_model_dir):
+    backbone = load_backbone(str(tiny_model_dir))
+    text = truncate_text(backbone, "word " * 500, 20)
+    assert len(backbone.tokenizer(text, add_special_tokens=False).input_ids) <= 21
+
+
+def test_layer_selection():
+    assert select_layers("all", 4) == [1, 2, 3, 4]
+    assert select_layers("last:2", 4) == [3, 4]
+    assert select_layers("1, 3", 4) == [1, 3]
+    with pytest.raises(ValueError, match="layers"):
+        select_layers("0,5", 4)
+
+
+def test_difference_lifts_back_to_the_residual_and_masks_exactly():
+    torch.manual_seed(0)
+    rows = torch.randn(4, 32)
+    logits, labels = torch.randn(10, 4), torch.randint(0, 4, (10,))
+    r = residual(logits, labels)
+    assert torch.allclose(r.sum(-1), torch.zeros(10), atol=1e-6)
+    t = lift(rows, r)
+    assert torch.allclose(t @ rows.double().T, r.double(), atol=1e-8)
+    q = CohortSecret(b"k" * 32).rotation(32)
+    assert torch.allclose(q @ q.T, torch.eye(32, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(unmask(mask(t, q), q), t.float(), atol=1e-5)
+    # adding the full residual through the label rows gives the true label
+    pred = additive_prediction(logits, rows, t.float())
+    assert torch.equal(pred, labels)
+
+
+def test_secret_derivations_are_keyed():
+    a, b = CohortSecret(b"a" * 32), CohortSecret(b"b" * 32)
+    assert a.sample_id("agnews", "x") == a.sample_id("agnews", "x")
+    assert a.sample_id("agnews", "x") != b.sample_id("agnews", "x")
+    assert a.sample_id("agnews", "x") != a.sample_id("agnews", "y")
+    assert a.task_key("agnews") != b.task_key("agnews")
+    assert not torch.allclose(a.rotation(8), b.rotation(8))
+    with pytest.raises(ValueError):
+        CohortSecret(b"short")
+
+
+@pytest.mark.slow
+def test_real_smollm2_label_logits_equal_the_models(smollm2_dir):
+    backbone = load_backbone("smollm2-135m-instruct")
+    assert (backbone.num_layers, backbone.hidden_size) == (30, 576)
+    _check_label_logits(backbone, ["World", "Sports", "Business"], atol=2e-4)
+
+
+@pytest.mark.slow
+def test_real_smollm2_simulation_with_four_devices(tmp_path, smollm2_dir):
+    """The real backbone through Flower's simulation engine writes the run directory."""
+    import json
+
+    import pandas as pd
+
+    from flower_pae.config import RunConfig
+    from simulations.cli import simulate
+
+    cfg = RunConfig(
+        stream="pypi:bbc",
+        num_devices=4,
+        max_train=24,
+        max_test=12,
+        rounds_per_task=1,
+        server_epochs=3,
+        max_tokens=64,
+    )
+    summary = simulate(cfg, tmp_path / "run")
+    messages = pd.read_parquet(tmp_path / "run" / "messages.parquet")
+    assert messages.node_id.nunique() == 4
+    up = messages[(messages.phase == "train") & (messages.direction == "up")]
+    assert up.num_samples.sum() == 24
+    # the shortcut: 30 layers × 576 × fp16 + a 576-float target, per sample
+    assert up.payload_bytes.sum() / 24 < 30 * 576 * 2 + 576 * 4 + 2000
+    (key,) = summary["task_keys"]
+    assert 0.0 <= summary["final_accuracy"][key] <= 1.0
+    assert json.loads((tmp_path / "run" / "tasks.json").read_text())[key] == "bbc"

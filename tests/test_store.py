@@ -1,0 +1,66 @@
+"""The machine-wide activation store."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import torch
+
+from flower_pae.backbone import load_backbone
+from flower_pae.device.shortcut import pivot_features
+from flower_pae.device.store import ActivationStore
+
+PROMPTS = [f"Text number {i} about {'sports' if i % 2 else 'markets'}.\nAnswer:" for i in range(6)]
+
+
+def test_store_returns_bit_identical_outputs(tmp_path, tiny_model_dir):
+    backbone = load_backbone(str(tiny_model_dir))
+    layers = [1, 2]
+
+    def compute(prompts):
+        f = pivot_features(backbone, prompts, layers, batch_size=8)
+        return f.acts, f.final, f.seconds
+
+    fresh_acts, fresh_final, _ = compute(PROMPTS)
+    store = ActivationStore(tmp_path / "store")
+    cold = store.features("tiny", layers, PROMPTS, compute)
+    assert store.stats.misses == 6 and store.stats.hits == 0
+    warm = store.features("tiny", layers, PROMPTS, compute)
+    assert store.stats.hits == 6
+    for acts, final, _ in (cold, warm):
+        assert torch.equal(acts, fresh_acts) and torch.equal(final, fresh_final)
+    assert warm[2] == cold[2] > 0  # the first measured forward time is still accounted
+    # another layer selection or model is another key
+    assert store.key("tiny", [1], PROMPTS[0]) != store.key("tiny", [1, 2], PROMPTS[0])
+
+
+def _writer(root: str, seed: int) -> None:
+    store = ActivationStore(root)
+    for i in range(40):
+        value = np.full((3, 4), float(i), dtype=np.float32)
+        store.put(store.key("m", [1], f"p{i}"), {"acts": value, "seed": np.int64(seed)})
+
+
+def test_concurrent_writers_do_not_corrupt(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), s)) for s in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    store = ActivationStore(tmp_path)
+    for i in range(40):
+        entry = store.get(store.key("m", [1], f"p{i}"))
+        assert entry is not None and np.array_equal(entry["acts"], np.full((3, 4), float(i)))
+    assert not list(tmp_path.glob("*/*.tmp"))
+
+
+def test_cap_evicts_oldest(tmp_path):
+    store = ActivationStore(tmp_path, max_bytes=10_000)
+    for i in range(20):
+        store.put(store.key("m", [1], str(i)), {"acts": np.zeros(500, np.float32)})
+        store.enforce_cap()
+    assert store.size_bytes() <= 10_000 and store.stats.evicted > 0
+    assert store.get(store.key("m", [1], "19")) is not None
