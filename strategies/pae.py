@@ -289,7 +289,7 @@ class PAEStrategy(Strategy):
     ) -> list[Message]:
         for msg in messages:
             self.recorder.message(server_round, phase, msg, "down")
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies = _send_and_receive(grid, messages, timeout, f"round {server_round} {phase}")
         for reply in replies:
             n, key = 0, None
             if not reply.has_error() and phase == "train" and UPLOAD in reply.content:
@@ -402,6 +402,31 @@ def _bytes_by_phase(messages) -> dict[str, int]:
     """Total payload bytes per "phase/direction"."""
     totals = messages.groupby(["phase", "direction"])["payload_bytes"].sum()
     return {f"{phase}/{direction}": int(v) for (phase, direction), v in totals.items()}
+
+
+def _send_and_receive(
+    grid: Grid, messages: list[Message], timeout: float, what: str
+) -> list[Message]:
+    """``grid.send_and_receive`` that logs progress every few seconds on long phases."""
+    pending = set(grid.push_messages(messages))
+    total, replies = len(pending), []
+    start = last_log = time.monotonic()
+    while pending and time.monotonic() - start < timeout:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if pending and time.monotonic() - last_log > 15:
+            last_log = time.monotonic()
+            log.info(
+                "%s: %d/%d devices replied (%.0fs)",
+                what,
+                total - len(pending),
+                total,
+                last_log - start,
+            )
+        if pending:
+            time.sleep(0.1)
+    return replies
 
 
 def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:

@@ -41,7 +41,9 @@ def pivot_features(
     batch_size: int = 8,
 ) -> PivotFeatures:
     """Run the frozen backbone once per prompt and keep only the pivot token's states."""
-    tok, model = backbone.tokenizer, backbone.model
+    # The decoder body only: the LM head's logits over the whole vocabulary at every
+    # position (B × T × 49k floats for SmolLM2) are never needed on the device.
+    tok, model = backbone.tokenizer, backbone.model.get_decoder()
     acts, finals, tokens = [], [], 0
     idx = torch.tensor(list(layers))
     start = time.perf_counter()
