@@ -18,7 +18,7 @@ from flower_pae.config import RunConfig
 from simulations.cli import simulate
 
 ORDERS = ("cl_order1", "cl_order2", "cl_order3")
-METHODS = ("sequential", "olora", "oa")
+METHODS = ("sequential", "olora", "oa", "multitask", "oracle")
 
 
 def main() -> None:

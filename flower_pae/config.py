@@ -13,6 +13,12 @@ from typing import Any
 
 import tomllib
 
+# Side-network methods: OA-Adapter, the fixed-budget orthogonal baseline (O-LoRA style), one
+# shared adapter (sequential), and two upper bounds: "multitask" trains one shared adapter on
+# everything cached so far (full replay), "oracle" keeps a separate side network per task and
+# is told the task at inference.
+METHODS = ("oa", "olora", "sequential", "multitask", "oracle")
+
 
 class ConfigError(ValueError):
     """A bad setting; the message names it and says what is allowed."""
@@ -73,7 +79,7 @@ class RunConfig:
         _non_negative(self, "server_epochs", "sparsity", "lambda_orth", "weight_decay")
         _choice(self, "partition", ("iid", "dirichlet"))
         _choice(self, "precision", ("fp16", "int8"))
-        _choice(self, "method", ("oa", "olora", "sequential"))
+        _choice(self, "method", METHODS)
         if not 0.0 < self.fraction_evaluate <= 1.0:
             raise ConfigError(f"fraction_evaluate must be in (0, 1], got {self.fraction_evaluate}")
         if self.alpha <= 0:

@@ -99,7 +99,7 @@ def _print_summary(summary: dict, out: Path) -> None:
     console = Console()
     console.print(table)
     for name in ("average_accuracy", "backward_transfer", "forward_transfer"):
-        if name in summary:
+        if summary.get(name) is not None:
             console.print(f"{name}: {summary[name]:.4f}")
 
 

@@ -34,8 +34,9 @@ def build_strategy(cfg: RunConfig, out: Path) -> PAEStrategy:
 
     def make_network(num_layers: int, hidden: int) -> LadderSideNetwork:
         adapter = OAAdapterConfig(r_max=cfg.r_max, sparsity=cfg.sparsity)
+        network_method = {"multitask": "sequential", "oracle": "olora"}.get(cfg.method, cfg.method)
         return LadderSideNetwork(
-            num_layers, hidden, adapter, out_rank=cfg.out_rank, method=cfg.method
+            num_layers, hidden, adapter, out_rank=cfg.out_rank, method=network_method
         )
 
     return PAEStrategy(
@@ -46,6 +47,8 @@ def build_strategy(cfg: RunConfig, out: Path) -> PAEStrategy:
         devices_per_round=cfg.devices_per_round,
         fraction_evaluate=cfg.fraction_evaluate,
         num_devices=cfg.num_devices,
+        replay=cfg.method == "multitask",
+        route_by_task=cfg.method == "oracle",
         seed=cfg.seed,
     )
 

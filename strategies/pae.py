@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -72,6 +73,12 @@ class PAEStrategy(Strategy):
         Devices to wait for before the first round.
     seed : int
         Seed of device sampling.
+    replay : bool
+        Train on every task cached so far, not only the current one (the "multitask" upper
+        bound: full replay; PAE and OA-Adapter do not replay).
+    route_by_task : bool
+        Train each task's adapters alone (the "oracle" upper bound, whose devices are told
+        the task at inference).
     """
 
     def __init__(
@@ -85,7 +92,11 @@ class PAEStrategy(Strategy):
         fraction_evaluate: float = 1.0,
         num_devices: int = 1,
         seed: int = 0,
+        replay: bool = False,
+        route_by_task: bool = False,
     ) -> None:
+        self.replay = replay
+        self.route_by_task = route_by_task
         self.make_network = make_network
         self.net: LadderSideNetwork | None = None
         self.trainer_config = trainer
@@ -156,7 +167,8 @@ class PAEStrategy(Strategy):
         current = self.net.current_task if self.net is not None else None
         if current is not None and self.cache.task_size(current) > 0:
             self.tasks[current].last_round = server_round
-            acts, targets = self.cache.training_data(current)
+            acts, targets = self.training_data(current)
+            self.net.route = current if self.route_by_task else None
             if not self.net.standardizer_fitted:
                 self.net.fit_standardizer(acts)
             start = time.perf_counter()
@@ -171,6 +183,12 @@ class PAEStrategy(Strategy):
         for name, value in self.cache.stats.as_dict().items():
             self.recorder.metric(server_round, f"cache_{name}", value)
         return None, MetricRecord(metrics)
+
+    def training_data(self, current: str):
+        """What the server trains on this round: the current task's cache (or all, with replay)."""
+        keys = [k for k in self.tasks if self.cache.task_size(k)] if self.replay else [current]
+        parts = [self.cache.training_data(k) for k in keys]
+        return torch.cat([a for a, _ in parts]), torch.cat([t for _, t in parts])
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -449,6 +467,7 @@ def default_trainer_config(cfg) -> TrainerConfig:
         out_lr=cfg.out_lr,
         out_momentum=cfg.out_momentum,
         weight_decay=cfg.weight_decay,
-        lambda_orth=cfg.lambda_orth,
+        # the oracle's tasks never share a forward pass: nothing to keep orthogonal
+        lambda_orth=0.0 if cfg.method == "oracle" else cfg.lambda_orth,
         seed=cfg.seed,
     )

@@ -223,7 +223,13 @@ class Device:
             rows = label_rows(self.backbone, self.task(index).labels)
             if feats["labels"].numel() == 0:
                 continue
-            side = unmask(side_output(side_network, feats["acts"]), q)
+            # Only the oracle upper bound is told the task; every other method sums all tasks.
+            key = self.task_key(index)
+            side_network.route = key if self.cfg.method == "oracle" else None
+            if side_network.route is not None and key not in side_network.task_keys:
+                side = torch.zeros_like(feats["acts"][:, 0])  # the oracle has no net for it yet
+            else:
+                side = unmask(side_output(side_network, feats["acts"]), q)
             pred = additive_prediction(feats["logits"], rows, side)
             results.append(
                 TaskEval(

@@ -168,6 +168,9 @@ class LadderSideNetwork(nn.Module):
         self._task_keys: list[str] = []
         self._set_of: dict[str, int] = {}
         self.current_task: str | None = None
+        # The oracle upper bound only: when set, the forward uses this task's adapters alone
+        # (a task router). PAE and OA-Adapter never set it: inference sums all tasks.
+        self.route: str | None = None
         self._basis_cache: dict[int, dict[int | str, Tensor]] = {}
 
     # ------------------------------------------------------------------ tasks
@@ -288,6 +291,9 @@ class LadderSideNetwork(nn.Module):
         x = (acts.to(self.input_mean.dtype) - self.input_mean) / self.input_std
         if len(self.task_sets) == 0:
             return x.new_zeros(x.shape[0], self.out_dim)
+        sets = list(self.task_sets)
+        if self.route is not None:
+            sets = [self.task_sets[self._index(self.route)]]
         mu = torch.sigmoid(self.alpha)
         h = x[:, 0]  # h_{l-1}; unused for the first layer
         for layer in range(self.num_layers):
@@ -297,10 +303,10 @@ class LadderSideNetwork(nn.Module):
                 m = mu[layer - 1]
                 inp = (1 - m) * x[:, layer] + m * h
             h = inp
-            for ts in self.task_sets:
+            for ts in sets:
                 h = h + ts.layers[layer](inp)
         out = None
-        for ts in self.task_sets:
+        for ts in sets:
             o = ts.out(h)
             out = o if out is None else out + o
         assert out is not None
