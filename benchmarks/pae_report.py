@@ -17,7 +17,7 @@ from analysis import load_run, upload_bytes_per_sample
 from flower_pae.backbone import load_backbone, select_layers
 from flower_pae.config import RunConfig
 from flower_pae.data import load_task, resolve_stream
-from flower_pae.device.shortcut import truncate_text
+from flower_pae.device.shortcut import build_prompt
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
             max_test=cfg.max_test,
         )
         for ex in task.train:
-            prompt = task.prompt(truncate_text(backbone, ex.text, cfg.max_tokens))
+            prompt = build_prompt(backbone, task, ex.text, cfg.max_tokens)
             tokens.append(len(backbone.tokenizer(prompt).input_ids))
     mean_tokens = sum(tokens) / len(tokens)
     full = mean_tokens * len(layers) * backbone.hidden_size * bytes_per_value

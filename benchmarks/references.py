@@ -31,7 +31,7 @@ import torch
 
 from flower_pae.backbone import DEFAULT_MODEL, load_backbone
 from flower_pae.data import load_task
-from flower_pae.device.shortcut import truncate_text
+from flower_pae.device.shortcut import build_prompt
 from flower_pae.references import device_step_cost, train_lora, zero_shot_accuracy
 
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         task = tasks[0]
         rows = task.train[: args.cost_samples]
-        prompts = [task.prompt(truncate_text(backbone, ex.text, args.max_tokens)) for ex in rows]
+        prompts = [build_prompt(backbone, task, ex.text, args.max_tokens) for ex in rows]
         cost = device_step_cost(
             args.model,
             prompts,

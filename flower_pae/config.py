@@ -55,9 +55,9 @@ class RunConfig:
     out_rank: int = 16
     sparsity: float = 1e-3
     lambda_orth: float = 1.0
-    server_epochs: int = 5
+    server_epochs: int = 10
     server_batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-4
     out_lr: float = 0.05
     out_momentum: float = 0.9
     weight_decay: float = 0.0

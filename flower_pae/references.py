@@ -39,7 +39,7 @@ import torch
 
 from flower_pae.backbone import Backbone, load_backbone, resolve_model_path
 from flower_pae.data import Task
-from flower_pae.device.shortcut import label_rows, pivot_features, truncate_text
+from flower_pae.device.shortcut import build_prompt, label_rows, pivot_features
 
 __all__ = [
     "DeviceStepCost",
@@ -88,7 +88,7 @@ def _child_peak_mb() -> float:
 
 def _prompts(backbone: Backbone, task: Task, texts: Sequence[str], max_tokens: int) -> list[str]:
     """The device's prompts: text cut to ``max_tokens`` tokens, then the task's template."""
-    return [task.prompt(truncate_text(backbone, t, max_tokens)) for t in texts]
+    return [build_prompt(backbone, task, t, max_tokens) for t in texts]
 
 
 def _decoder(causal_lm: torch.nn.Module) -> torch.nn.Module:

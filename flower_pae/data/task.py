@@ -74,6 +74,10 @@ class Task:
     def num_labels(self) -> int:
         return len(self.labels)
 
+    def question(self, text: str) -> str:
+        """The instruction, the options and the text: what a user would ask about ``text``."""
+        return f"{self.instruction}\nOptions: {', '.join(self.labels)}.\nText: {text}"
+
     def prompt(self, text: str) -> str:
-        """The model input for ``text``; the label word follows ``"Answer:"``."""
-        return f"{self.instruction}\nOptions: {', '.join(self.labels)}.\nText: {text}\nAnswer:"
+        """A plain-text model input for ``text``; the label word follows ``"Answer:"``."""
+        return f"{self.question(text)}\nAnswer:"

@@ -19,7 +19,7 @@ from flower_pae.config import RunConfig
 from flower_pae.data import Task, load_task, partition, resolve_stream
 from flower_pae.device.difference import additive_prediction, lift, mask, residual, unmask
 from flower_pae.device.secret import CohortSecret
-from flower_pae.device.shortcut import label_rows, pivot_features, truncate_text
+from flower_pae.device.shortcut import build_prompt, label_rows, pivot_features
 from flower_pae.device.store import ActivationStore
 from flower_pae.wire import encode_activations, ids_to_array
 
@@ -139,7 +139,7 @@ class Device:
 
     # ---- backbone outputs ----------------------------------------------------------------
     def _prompts(self, task: Task, texts: list[str]) -> list[str]:
-        return [task.prompt(truncate_text(self.backbone, t, self.cfg.max_tokens)) for t in texts]
+        return [build_prompt(self.backbone, task, t, self.cfg.max_tokens) for t in texts]
 
     @functools.cached_property
     def store(self) -> ActivationStore | None:
