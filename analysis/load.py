@@ -101,8 +101,11 @@ def load_run(path: str | Path) -> Run:
     summary = _read_json(root / "summary.json")
     messages = pd.read_parquet(root / "messages.parquet")
     metrics = pd.read_parquet(root / "metrics.parquet")
+    # Flower node ids are unsigned 64-bit: never let them wrap through a signed type.
     if "node_id" in metrics:
-        metrics["node_id"] = metrics["node_id"].astype("Int64")
+        metrics["node_id"] = metrics["node_id"].astype("UInt64")
+    if "node_id" in messages:
+        messages["node_id"] = messages["node_id"].astype("uint64")
     tasks_file = root / "tasks.json"
     named = (
         {str(k): str(v) for k, v in _read_json(tasks_file).items()} if tasks_file.is_file() else {}

@@ -1,6 +1,6 @@
 """Reference baselines for PAE side-tuning: zero-shot, centralized LoRA, and device step cost.
 
-All three score a sample the way the device does: the prompt is ``task.prompt(text)`` with the
+All three score a sample the way the device does: the prompt is ``build_prompt(backbone, task, text)`` with the
 text cut to ``max_tokens`` tokens, the pivot is the last prompt position, and the label logits
 are ``z = h·W_tᵀ`` with ``h`` the final (normed) hidden state at the pivot and ``W_t`` the frozen
 LM-head rows of the label words (:func:`flower_pae.device.shortcut.label_rows`). So the LoRA
@@ -542,7 +542,7 @@ def device_step_cost(
 ) -> DeviceStepCost:
     """Measure, from one call, PAE's device step against a LoRA training step, per sample.
 
-    ``texts_prompts`` are finished prompts (``task.prompt(truncated text)``); every one is
+    ``texts_prompts`` are finished prompts (``build_prompt(...)``); every one is
     processed once per phase, in batches of ``batch_size``, after ``warmup_batches`` untimed
     batches. PAE: an inference-mode forward keeping the pivot states of all layers
     (:func:`pivot_features`). LoRA: forward + backward + AdamW step with cross-entropy on the

@@ -81,7 +81,7 @@ def _write_run(root: Path, method: str = "pae", with_names: bool = True) -> Path
             mets.append((3, task, None, f"active_rank/{layer}", float(rank)))
             mets.append((3, task, None, f"active_params/{layer}", float(rank * 10)))
     metrics = pd.DataFrame(mets, columns=["round", "task", "node_id", "metric", "value"]).astype(
-        {"round": "int64", "node_id": "Int64", "value": "float64"}
+        {"round": "int64", "node_id": "UInt64", "value": "float64"}
     )
     metrics.to_parquet(root / "metrics.parquet", index=False)
 
@@ -128,7 +128,7 @@ def test_load_run_round_trips(run_dir: Path) -> None:
     assert run.task_names == {"k0": "sst2", "k1": "boolq"}
     assert len(run.messages) == len(ROUNDS) * len(NODES) * 4
     assert list(run.messages.columns)[:4] == ["round", "phase", "node_id", "direction"]
-    assert str(run.metrics["node_id"].dtype) == "Int64"
+    assert str(run.metrics["node_id"].dtype) == "UInt64"
     assert run.metrics["node_id"].isna().any()
     assert math.isnan(run.summary["forward_transfer"])
 
