@@ -1,7 +1,8 @@
 """Reference baselines for PAE side-tuning: zero-shot, centralized LoRA, and device step cost.
 
 All three score a sample the way the device does: the prompt is
-``build_prompt(backbone, task, text)`` with the text cut to ``max_tokens`` tokens, the pivot is the last prompt position, and the label logits
+``build_prompt(backbone, task, text)`` with the text cut to ``max_tokens`` tokens, the pivot
+is the last prompt position, and the label logits
 are ``z = h·W_tᵀ`` with ``h`` the final (normed) hidden state at the pivot and ``W_t`` the frozen
 LM-head rows of the label words (:func:`flower_pae.device.shortcut.label_rows`). So the LoRA
 baseline is trained with cross-entropy on exactly the logits the PAE side network corrects,
