@@ -50,10 +50,10 @@ class Run:
 
     @property
     def method(self) -> str | None:
-        """``summary["method"]``, else ``config["settings"]["method"]``."""
-        method = self.summary.get("method")
+        """The run's method setting (``config["settings"]["method"]``), else the summary's."""
+        method = self.config.get("settings", {}).get("method")
         if method is None:
-            method = self.config.get("settings", {}).get("method")
+            method = self.summary.get("method")
         return method
 
     @property
