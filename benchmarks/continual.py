@@ -49,7 +49,7 @@ def main() -> None:
             runs.append(load_run(out / f"{order}-{method}"))
     table = cl_table(runs)
     table.insert(0, "order", [r.name.rsplit("-", 1)[0] for r in runs])
-    print(table.to_markdown() if hasattr(table, "to_markdown") else table.to_string())
+    print(table.to_string())
     table.to_csv(out / "cl_table.csv")
     means = table.groupby("method")[["AA", "BWT", "FWT", "active_params"]].mean()
     print(means.to_string())
