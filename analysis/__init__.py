@@ -8,9 +8,11 @@ from analysis.load import Run, load_run, load_runs
 from analysis.plots import (
     plot_accuracy_matrix,
     plot_accuracy_vs_bytes,
+    plot_device_bytes,
     plot_rank_allocation,
     plot_traffic_per_round,
 )
+from analysis.report import bytes_to_reach, device_cost, overview, write_report
 from analysis.tables import (
     accuracy_matrix,
     accuracy_over_rounds,
@@ -29,15 +31,20 @@ __all__ = [
     "accuracy_over_rounds",
     "accuracy_vs_bytes",
     "bytes_table",
+    "bytes_to_reach",
+    "device_cost",
     "cl_table",
     "load_run",
     "load_runs",
+    "overview",
     "per_device_bytes",
     "plot_accuracy_matrix",
     "plot_accuracy_vs_bytes",
+    "plot_device_bytes",
     "plot_rank_allocation",
     "plot_traffic_per_round",
     "rank_report",
     "traffic_per_round",
     "upload_bytes_per_sample",
+    "write_report",
 ]

@@ -11,7 +11,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from analysis.load import Run
-from analysis.tables import accuracy_matrix, accuracy_vs_bytes, rank_report, traffic_per_round
+from analysis.tables import (
+    accuracy_matrix,
+    accuracy_vs_bytes,
+    per_device_bytes,
+    rank_report,
+    traffic_per_round,
+)
 
 
 def _figure(size: tuple[float, float] = (6.0, 4.5)) -> Figure:
@@ -105,4 +111,16 @@ def plot_traffic_per_round(run: Run, path: str | Path) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{run.name}: traffic per round")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_device_bytes(run: Run, path: str | Path) -> Path:
+    """Histogram over devices of their total bytes (both directions)."""
+    table = per_device_bytes(run)
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.hist(table["total"].to_numpy() / 1e6, bins=min(30, max(5, len(table) // 2)))
+    ax.set_xlabel("bytes per device (MB, up + down)")
+    ax.set_ylabel("devices")
+    ax.set_title(f"{run.name}: traffic per device")
     return _save(fig, path)

@@ -13,11 +13,16 @@ from typing import Any
 
 import tomllib
 
+from flower_pae.device.availability import DROPOUT_MODES
+
 # Side-network methods: OA-Adapter, the fixed-budget orthogonal baseline (O-LoRA style), one
 # shared adapter (sequential), and two upper bounds: "multitask" trains one shared adapter on
 # everything cached so far (full replay), "oracle" keeps a separate side network per task and
 # is told the task at inference.
-METHODS = ("oa", "olora", "sequential", "multitask", "oracle")
+METHODS = ("oa", "olora", "sequential", "multitask", "oracle", "fedavg_lora")
+# Baselines that are not PAE (their own ClientApp and Strategy): "fedavg_lora" trains LoRA
+# adapters on the devices and averages them (FedAvg, as FlowerTune does).
+BASELINES = ("fedavg_lora",)
 
 
 class ConfigError(ValueError):
@@ -43,12 +48,16 @@ class RunConfig:
     stagger_rounds: int = 0
     devices_per_round: int = 0
     fraction_evaluate: float = 1.0
+    evaluate_every: int = 1
     samples_per_round: int = 0
+    dropout: float = 0.0
+    dropout_mode: str = "error"
     layers: str = "all"
     precision: str = "fp16"
     batch_size: int = 8
     activation_store: bool = True
     store_max_gb: float = 8.0
+    target_noise: float = 0.0  # Gaussian noise on the differences, relative norm
     # server: side network and its training
     method: str = "oa"
     r_max: int = 16
@@ -61,13 +70,26 @@ class RunConfig:
     out_lr: float = 0.05
     out_momentum: float = 0.9
     weight_decay: float = 0.0
+    refresh_step: float = 0.0  # 0: one-shot differences; > 0: refreshed every round (CE)
     cache_memory_mb: int = 512
+    server_threads: int = 1
+    # server: what it accepts from devices
+    clip_targets: float = 0.0  # poisoning defence: clip target norms at k × the median (0: off)
+    max_upload_mb: float = 512.0  # a larger upload (or refresh) record is rejected unread
+    # baseline: FedAvg + LoRA (method = "fedavg_lora"), trained on the devices
+    lora_r: int = 8  # LoRA rank on q_proj, v_proj (lora_alpha = 2·r)
+    lora_lr: float = 5e-4  # AdamW step of the device's local training
+    local_epochs: int = 1  # local epochs over the device's shard per round
     # run
     seed: int = 0
     out_dir: str = ""
     record_wire: bool = False
     timeout: float = 900.0
     client_cpus: float = 1.0
+    # checkpoint and resume
+    checkpoint_every: int = 1  # checkpoint the server's state every N rounds (0: never)
+    stop_after: int = 0  # stop (checkpointed) after this round, as if interrupted (0: never)
+    resume: bool = False  # continue the run in out_dir from its last checkpoint
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,16 +98,39 @@ class RunConfig:
         _positive(self, "max_train", "max_test", "max_tokens", "num_devices", "rounds_per_task")
         _positive(self, "r_max", "out_rank", "batch_size", "server_batch_size")
         _non_negative(self, "stagger_rounds", "devices_per_round", "samples_per_round")
+        _non_negative(self, "server_threads")
         _non_negative(self, "server_epochs", "sparsity", "lambda_orth", "weight_decay")
+        _non_negative(self, "target_noise", "refresh_step", "clip_targets")
+        _non_negative(self, "checkpoint_every", "stop_after")
+        _positive(self, "max_upload_mb")
         _choice(self, "partition", ("iid", "dirichlet"))
         _choice(self, "precision", ("fp16", "int8"))
         _choice(self, "method", METHODS)
+        _choice(self, "dropout_mode", DROPOUT_MODES)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        _positive(self, "evaluate_every")
+        if self.evaluate_every > 1 and self.stagger_rounds:
+            raise ConfigError(
+                "evaluate_every > 1 needs stagger_rounds = 0: with staggered devices the server "
+                "cannot know when each task ends, and the accuracy matrix is read there"
+            )
         if not 0.0 < self.fraction_evaluate <= 1.0:
             raise ConfigError(f"fraction_evaluate must be in (0, 1], got {self.fraction_evaluate}")
         if self.alpha <= 0:
             raise ConfigError(f"alpha (Dirichlet concentration) must be > 0, got {self.alpha}")
         if self.lr <= 0 or self.out_lr <= 0 or not 0 <= self.out_momentum < 1:
             raise ConfigError("lr and out_lr must be > 0 and out_momentum in [0, 1)")
+        _positive(self, "lora_r", "lora_lr", "local_epochs")
+        if self.method == "fedavg_lora":
+            from flower_pae.data import resolve_stream
+
+            tasks = resolve_stream(self.stream)
+            if len(tasks) != 1:
+                raise ConfigError(
+                    f"method 'fedavg_lora' trains a single task; stream {self.stream!r} has "
+                    f"{len(tasks)} ({', '.join(tasks)}): give one task spec, e.g. cl:agnews"
+                )
         if self.devices_per_round > self.num_devices:
             raise ConfigError(
                 f"devices_per_round={self.devices_per_round} exceeds num_devices={self.num_devices}"
@@ -108,9 +153,15 @@ class RunConfig:
         return cls(**typed)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-        """Defaults, then a TOML file, then ``key=value`` overrides (later wins)."""
-        values: dict[str, Any] = {}
+    def load(
+        cls,
+        path: str | Path | None = None,
+        overrides: list[str] | None = None,
+        base: dict[str, Any] | None = None,
+    ) -> RunConfig:
+        """Defaults, then ``base`` (for example a run's recorded settings), then a TOML file,
+        then ``key=value`` overrides (later wins)."""
+        values: dict[str, Any] = dict(base or {})
         if path is not None:
             path = Path(path)
             if not path.is_file():

@@ -48,14 +48,38 @@ def versions() -> dict[str, str]:
 class RunRecorder:
     """Collects messages and metrics during a run and writes the run directory."""
 
-    def __init__(self, out_dir: str | Path, config: dict[str, Any], record_wire: bool = False):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        config: dict[str, Any],
+        record_wire: bool = False,
+        *,
+        resume: bool = False,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.record_wire = record_wire
         self._messages: list[dict[str, Any]] = []
         self._metrics: list[dict[str, Any]] = []
         payload = {"settings": config, "seed": config.get("seed"), "versions": versions()}
-        (self.out_dir / "config.json").write_text(json.dumps(payload, indent=2))
+        path = self.out_dir / "config.json"
+        if resume and path.is_file():
+            # a resumed run: the settings it continues with, and each earlier start's settings
+            earlier = json.loads(path.read_text())
+            payload["earlier_starts"] = [
+                *earlier.pop("earlier_starts", []),
+                {k: earlier.get(k) for k in ("settings", "versions")},
+            ]
+        path.write_text(json.dumps(payload, indent=2))
+
+    def state(self) -> dict[str, list[dict[str, Any]]]:
+        """Every row recorded so far (JSON-able), for a checkpoint."""
+        return {"messages": list(self._messages), "metrics": list(self._metrics)}
+
+    def restore(self, state: dict[str, list[dict[str, Any]]]) -> None:
+        """Continue from :meth:`state`: later rows are appended after these."""
+        self._messages = [dict(row) for row in state["messages"]]
+        self._metrics = [dict(row) for row in state["metrics"]]
 
     def message(
         self,

@@ -11,8 +11,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flower_pae.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -31,38 +36,101 @@ def _config_path(name: str | None) -> Path | None:
     raise ConfigError(f"no config file {name!r}; give a path or one of {names}")
 
 
-def simulate(cfg: RunConfig, out: Path) -> dict:
-    """Run one simulation through Flower's simulation engine (Ray) and return its summary."""
+def simulate(
+    cfg: RunConfig,
+    out: Path,
+    server_app: ServerApp | None = None,
+    client_app: ClientApp | None = None,
+) -> dict:
+    """Run one simulation through Flower's simulation engine (Ray) and return its summary.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's settings; ``cfg.out_dir`` is set to ``out``.
+    out : Path
+        The run directory.
+    server_app, client_app : ServerApp, ClientApp, optional
+        Other apps with the same settings and Ray setup (the scalability study's empty
+        ClientApp); by default the PAE apps of :mod:`simulations`, or the baseline's apps
+        of :mod:`simulations.baseline_apps` for ``method = "fedavg_lora"``.
+
+    Returns
+    -------
+    dict
+        The run's ``summary.json``.
+    """
     from flwr.simulation import run_simulation
 
     from flower_pae.device.secret import SECRET_ENV, CohortSecret
     from simulations.client_app import make_client_app
-    from simulations.server_app import make_server_app
+    from simulations.scale import seeded_flower_ids
+    from simulations.server_app import check_resumable, make_server_app
 
+    if cfg.method == "fedavg_lora" and server_app is None and client_app is None:
+        from simulations.baseline_apps import fedavg_lora_apps
+
+        server_app, client_app = fedavg_lora_apps(cfg)
     out.mkdir(parents=True, exist_ok=True)
     cfg.out_dir = str(out.resolve())
+    if cfg.resume:
+        check_resumable(cfg, out)
     # The cohort secret goes to the devices' processes only (their environment), never to
     # the ServerApp: its code does not read it and no message carries it.
-    secret_hex = os.environ.get(SECRET_ENV) or secrets.token_hex(32)
+    secret_hex = _cohort_secret(cfg, out, SECRET_ENV)
     os.environ[SECRET_ENV] = secret_hex
     backend = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
         # Ray's local workers inherit this process's environment (and so the secret).
         "init_args": {"num_cpus": os.cpu_count() or 1},
     }
-    with warnings.catch_warnings():
+    summary_path = out / "summary.json"
+    before = summary_path.stat().st_mtime_ns if summary_path.exists() else None
+    # Node ids drawn from the seed: the server's per-device state (held ids, sampling) means
+    # the same devices in a resumed run, and a run with the same seed samples the same ones.
+    with warnings.catch_warnings(), seeded_flower_ids(cfg.seed):
         warnings.simplefilter("ignore")
         run_simulation(
-            server_app=make_server_app(cfg),
-            client_app=make_client_app(cfg),
+            server_app=server_app or make_server_app(cfg),
+            client_app=client_app or make_client_app(cfg),
             num_supernodes=cfg.num_devices,
             backend_config=backend,
         )
-    summary_path = out / "summary.json"
-    if not summary_path.exists():
+    if not summary_path.exists() or summary_path.stat().st_mtime_ns == before:
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log")
     _write_task_names(cfg, out, CohortSecret.from_hex(secret_hex))
     return json.loads(summary_path.read_text())
+
+
+def _cohort_secret(cfg: RunConfig, out: Path, env: str) -> str:
+    """The devices' cohort secret: from the environment, else the one a resumed run used,
+    else a fresh one, kept in ``out/experimenter/`` (the experimenter's side of the run, which
+    the ServerApp never reads) so that the run can be resumed."""
+    path = out / "experimenter" / "cohort_secret"
+    if os.environ.get(env):
+        return os.environ[env]
+    if cfg.resume:
+        if not path.is_file():
+            raise ConfigError(
+                f"resume: set {env} to the cohort secret the run used (no {path} either)"
+            )
+        return path.read_text().strip()
+    secret_hex = secrets.token_hex(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(secret_hex)
+    return secret_hex
+
+
+def resume_config(run: Path, overrides: list[str]) -> RunConfig:
+    """The settings a stopped run recorded (``config.json``), resumed: ``resume=true``,
+    ``stop_after=0`` (run to the end) unless ``overrides`` say otherwise."""
+    path = run / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} does not exist")
+    settings = json.loads(path.read_text())["settings"]
+    settings.update(stop_after=0, out_dir=str(run))
+    return RunConfig.load(None, [*overrides, "resume=true"], base=settings)
 
 
 def _write_task_names(cfg: RunConfig, out: Path, secret) -> None:
@@ -104,13 +172,80 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = RunConfig.load(_config_path(args.config), args.set)
-    out = Path(args.out or cfg.out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if args.resume:
+        if args.config or args.out:
+            raise ConfigError("--resume takes the run's own settings and directory")
+        out = Path(args.resume).resolve()
+        cfg = resume_config(out, args.set)
+    else:
+        cfg = RunConfig.load(_config_path(args.config), args.set)
+        out = Path(args.out or cfg.out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     start = time.perf_counter()
     summary = simulate(cfg, out.resolve())
     _print_summary(summary, out.resolve())
     print(f"run directory: {out.resolve()}  ({time.perf_counter() - start:.0f}s)")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``flower-pae report``: tables and plots of one or many runs, as markdown."""
+    from analysis import load_runs, write_report
+
+    path = write_report(load_runs(args.runs), args.out, target=args.target)
+    print(f"report written to {path}")
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    """``flower-pae scale``: one simulation per population size, into a DataFrame and a plot."""
+    from simulations.scale import environment_note, floor_ratios, parse_devices, run_study
+
+    devices = parse_devices(args.devices)
+    base = RunConfig.load(_config_path(args.config), args.set)
+    out = Path(args.out or Path("runs") / time.strftime("scale-%Y%m%d-%H%M%S")).resolve()
+    frame = run_study(
+        base,
+        devices,
+        args.rounds,
+        args.per_round,
+        out,
+        empty=args.empty,
+        warmup=args.warmup,
+        train_per_device=args.train_per_device,
+        test_per_device=args.test_per_device,
+    )
+    shown = [
+        "mode",
+        "num_devices",
+        "wall_seconds",
+        "seconds_per_round",
+        "seconds_per_call",
+        "seconds_per_call_steady",
+        "messages",
+        "bytes",
+        "server_peak_rss_mb",
+        "actor_peak_rss_mb",
+        "cache_peak_bytes_in_memory",
+        "cache_bytes_on_disk",
+        "store_new_entries",
+    ]
+    print(frame[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.empty:
+        print("cost per device call, PAE over the empty ClientApp (same invocation):")
+        print(floor_ratios(frame).to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"machine: {environment_note()}")
+    print(f"study directory: {out}  (scale.parquet, scale.csv, scale.png)")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +261,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one setting (repeatable)",
     )
     run.add_argument("--out", help="run directory (default: runs/<timestamp>)")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped run from its last checkpoint, with its recorded settings",
+    )
     run.set_defaults(func=cmd_run)
+    scale = sub.add_parser("scale", help="scalability study: one simulation per population size N")
+    scale.add_argument(
+        "--devices", required=True, help="population sizes, comma-separated (e.g. 10,100,1000)"
+    )
+    scale.add_argument("--rounds", type=_positive_int, required=True, help="rounds per run")
+    scale.add_argument(
+        "--per-round",
+        type=_positive_int,
+        required=True,
+        help="devices that train (and evaluate) each round",
+    )
+    scale.add_argument("--config", help="TOML file, or a shipped config name")
+    scale.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting"
+    )
+    scale.add_argument(
+        "--train-per-device",
+        type=_positive_int,
+        default=2,
+        help="training rows per device and task (max_train = this × N; default 2)",
+    )
+    scale.add_argument(
+        "--test-per-device",
+        type=_positive_int,
+        default=1,
+        help="test rows per device and task (max_test = this × N; default 1)",
+    )
+    scale.add_argument(
+        "--empty",
+        action="store_true",
+        help="also run Flower's floor: an empty ClientApp with the same N, rounds, sampling",
+    )
+    scale.add_argument(
+        "--warmup",
+        action="store_true",
+        help="run each PAE configuration once first, so the measured run finds a warm store",
+    )
+    scale.add_argument("--out", help="study directory (default: runs/scale-<timestamp>)")
+    scale.set_defaults(func=cmd_scale)
+    from simulations.audit import add_audit_command
+
+    add_audit_command(sub)
+    report = sub.add_parser("report", help="markdown report (tables + plots) over run directories")
+    report.add_argument("runs", nargs="+", help="run directories")
+    report.add_argument("--out", required=True, help="report directory")
+    report.add_argument(
+        "--target", type=float, default=None, help="accuracy for 'bytes to reach' (default: auto)"
+    )
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -15,12 +15,15 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from flower_pae.config import RunConfig
+from flower_pae.device.availability import drop_out
 from flower_pae.device.device import Device, peak_rss_mb
 from flower_pae.side_network import LadderSideNetwork
 from flower_pae.wire import (
     CONFIG,
     HELD,
     METRICS,
+    REFRESH,
+    SIDE_NET,
     UPLOAD,
     array_record,
     array_to_ids,
@@ -38,6 +41,16 @@ def _device(cfg: RunConfig, context: Context) -> Device:
     if key not in _DEVICES:
         _DEVICES[key] = Device(cfg, pid)
     return _DEVICES[key]
+
+
+def _availability(cfg: RunConfig, context: Context, server_round: int) -> None:
+    """Simulated dropout of a training round: an unavailable device raises (error reply).
+
+    Evaluation is the experimenter's measurement, not subject to dropout, so that every
+    round's accuracy is measured on the same test rows.
+    """
+    pid = int(context.node_config["partition-id"])
+    drop_out(cfg.seed, server_round, pid, cfg.dropout, cfg.dropout_mode, cfg.timeout)
 
 
 class _TestFeatureStore:
@@ -68,8 +81,12 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         device = _device(settings(context), context)
         server_round = int(msg.content[CONFIG]["round"])
+        _availability(settings(context), context, server_round)
         held = set(array_to_ids(msg.content[HELD]["ids"].numpy()))
-        upload = device.upload(server_round, held)
+        net = None
+        if SIDE_NET in msg.content:  # refresh phase: differences against the current output
+            net = LadderSideNetwork.from_state(*side_network_from_records(msg.content))
+        upload = device.upload(server_round, held, net)
         log(
             INFO,
             "device %d, round %d: %d new samples of task %s forwarded in %.1fs",
@@ -84,6 +101,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
                 "num-examples": upload.num_samples,
                 "forward_seconds": upload.forward_seconds,
                 "peak_rss_mb": peak_rss_mb(),
+                "flops": upload.flops,
             }
         )
         content = RecordDict(
@@ -93,6 +111,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
                 METRICS: metrics,
             }
         )
+        if upload.refresh is not None:
+            content[REFRESH] = array_record(upload.refresh)
         return Message(content, reply_to=msg)
 
     @app.evaluate()

@@ -5,6 +5,11 @@ samples the server does not cache yet; the server trains the additive side netwo
 cache of the current task; then devices download the side network and report accuracy
 counts. A device announces a task only by an opaque key: a new key opens a new OA-Adapter
 subspace and freezes the previous task's.
+
+Every reply is checked before it touches anything (``flower_pae.server.validation``): a
+reply that breaks the protocol is rejected with a logged reason and the round goes on with
+the others. With ``checkpoint_every`` the whole server state is checkpointed into the run
+directory, and :meth:`PAEStrategy.resume` continues a stopped run where it stopped.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,16 +31,33 @@ from flwr.serverapp.strategy import Result, Strategy
 from flower_pae import cl_metrics
 from flower_pae.runlog import RunRecorder
 from flower_pae.server.cache import ActivationCache
-from flower_pae.server.validation import UploadError, validate_upload
+from flower_pae.server.checkpoint import CheckpointError, load_state, save_state
+from flower_pae.server.robust import clip_target_norms
+from flower_pae.server.validation import (
+    EVALUATE_RECORDS,
+    MAX_SAMPLES_PER_UPLOAD,
+    MAX_UPLOAD_BYTES,
+    TRAIN_RECORDS,
+    UploadError,
+    check_device_metrics,
+    check_record_size,
+    check_records,
+    decode_arrays,
+    evaluation_counts,
+    task_key_of,
+    validate_refresh,
+    validate_upload,
+)
 from flower_pae.side_network import LadderSideNetwork, SideNetworkTrainer, TrainerConfig
 from flower_pae.wire import (
     CONFIG,
     HELD,
     METRICS,
+    REFRESH,
     UPLOAD,
     array_record,
+    array_to_ids,
     ids_to_array,
-    record_arrays,
     side_network_records,
 )
 
@@ -48,6 +71,16 @@ class _TaskLog:
     key: str
     first_round: int
     last_round: int
+
+
+@dataclass
+class TrainReply:
+    """A training reply that passed every check: what the server may take from it."""
+
+    task_key: str
+    arrays: dict[str, np.ndarray]
+    shape: tuple[int, int] | None  # (layers, hidden) of its activations, None if empty
+    refresh: tuple[list[bytes], np.ndarray] | None  # refreshed (ids, masked gradients)
 
 
 class PAEStrategy(Strategy):
@@ -79,6 +112,30 @@ class PAEStrategy(Strategy):
     route_by_task : bool
         Train each task's adapters alone (the "oracle" upper bound, whose devices are told
         the task at inference).
+    evaluate_every : int
+        Evaluate every this many rounds (1: every round); the last round and every multiple of
+        ``task_rounds`` (the end of each task, when devices move together) always evaluate,
+        since the accuracy matrix is read there. Saves a side-network download per device.
+    task_rounds : int
+        Rounds per task of an aligned schedule (0: unknown).
+    refresh_step : float
+        0: one-shot differences, uploaded once per sample. ``η > 0``: the refresh phase of
+        DESIGN.md: training messages carry the side network, devices answer with masked
+        cross-entropy gradients ``g̃`` of the samples it holds against its current output, and
+        the server regresses on ``s̃ + η·g̃`` (one functional gradient step per round).
+    clip_targets : float
+        Poisoning defence: before each round's training, every target's norm is clipped at
+        this many times the median target norm of its task (0: off). Norms survive the
+        devices' rotation, so the masked training stays exact.
+    max_upload_samples, max_upload_bytes : int
+        Caps on one reply's upload (and refresh) record; a larger one is rejected unread.
+    checkpoint_dir : Path, optional
+        Where :meth:`save_checkpoint` writes and :meth:`resume` reads the server's state.
+    checkpoint_every : int
+        Checkpoint after every this many rounds, and after the last (0: never).
+    stop_after : int
+        Stop after this round, checkpointed, as if the run had been interrupted there
+        (0: run every round); :meth:`resume` continues it.
     """
 
     def __init__(
@@ -94,7 +151,35 @@ class PAEStrategy(Strategy):
         seed: int = 0,
         replay: bool = False,
         route_by_task: bool = False,
+        refresh_step: float = 0.0,
+        evaluate_every: int = 1,
+        task_rounds: int = 0,
+        clip_targets: float = 0.0,
+        max_upload_samples: int = MAX_SAMPLES_PER_UPLOAD,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int = 0,
+        stop_after: int = 0,
     ) -> None:
+        if refresh_step < 0:
+            raise ValueError(f"refresh_step must be >= 0, got {refresh_step}")
+        if clip_targets < 0:
+            raise ValueError(f"clip_targets must be >= 0, got {clip_targets}")
+        if checkpoint_every < 0 or stop_after < 0:
+            raise ValueError("checkpoint_every and stop_after must be >= 0")
+        if (checkpoint_every or stop_after) and checkpoint_dir is None:
+            raise ValueError("checkpoint_every and stop_after need a checkpoint_dir")
+        self.refresh_step = refresh_step
+        self.evaluate_every = evaluate_every
+        self.task_rounds = task_rounds
+        self.clip_targets = clip_targets
+        self.max_upload_samples = max_upload_samples
+        self.max_upload_bytes = max_upload_bytes
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.stop_after = stop_after
+        self.completed_rounds = 0
+        self._nodes: list[int] | None = None  # the devices of the run (for checkpoints)
         self.replay = replay
         self.route_by_task = route_by_task
         self.make_network = make_network
@@ -116,6 +201,15 @@ class PAEStrategy(Strategy):
         self.zero_shot: dict[str, float] = {}
 
     # ---- hooks ----------------------------------------------------------------------------
+    def should_evaluate(self, server_round: int, num_rounds: int) -> bool:
+        """Evaluate every ``evaluate_every`` rounds, at every task end and in the last round."""
+        return (
+            self.evaluate_every <= 1
+            or server_round % self.evaluate_every == 0
+            or server_round == num_rounds
+            or (self.task_rounds > 0 and server_round % self.task_rounds == 0)
+        )
+
     def sample_nodes(self, grid: Grid, count: int) -> list[int]:
         """Devices for a phase; override for availability models."""
         nodes = sorted(grid.get_node_ids())
@@ -135,39 +229,74 @@ class PAEStrategy(Strategy):
                     HELD: array_record({"ids": ids_to_array(sorted(self.held[node]))}),
                 }
             )
+            if self.refresh_step and self.net is not None:
+                content.update(side_network_records(self.net.meta(), self.net.state_dict()))
             messages.append(Message(content, dst_node_id=node, message_type="train"))
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Cache the uploads, open/freeze task subspaces, then train the current task."""
+        """Cache the uploads, open/freeze task subspaces, then train the current task.
+
+        A reply that fails a check (:meth:`accept_train_reply`) is rejected with its reason
+        and changes nothing; the others are cached and trained on.
+        """
+        # In node order, not arrival order: the cache's blocks, hence the order of the training
+        # data (batches, the standardizer's sums), must not depend on which device was faster.
+        replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
+        expected = self.expected_shape or self.agreed_shape(replies)
         new_samples = 0
+        differences: list[tuple[str, list[bytes], np.ndarray]] = []
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning(
-                    "round %d: device %d failed: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
+                    "round %d: device %d failed: %s", server_round, node, reply.error.reason
                 )
                 continue
             try:
-                task_key, arrays = self._accept_upload(reply)
+                accepted = self.accept_train_reply(reply, expected)
             except UploadError as err:
-                self._reject(server_round, reply, str(err))
+                self._reject(server_round, reply, "train", str(err))
+                continue
+            if self.net is None and accepted.shape is not None:
+                self._open_network(accepted.shape)
+            task_key, arrays = accepted.task_key, accepted.arrays
+            ids = array_to_ids(arrays["ids"])
+            if self.net is None or (task_key not in self.tasks and not ids):
+                # nothing to learn from: a task key opens a subspace only with samples
+                self._record_device_metrics(server_round, reply, task_key)
                 continue
             self._see_task(task_key, server_round)
+            fresh = self._fresh_rows(ids)
             kept = self.cache.add(task_key, arrays)
-            self.held[reply.metadata.src_node_id].update(
-                i for i in map(bytes, arrays["ids"]) if i in self.cache
-            )
+            if len(ids) > kept:
+                # replayed ids (already cached): the cache keeps what it holds, and counts them
+                log.info(
+                    "round %d: device %d replayed %d cached sample(s); ignored",
+                    server_round,
+                    node,
+                    len(ids) - kept,
+                )
+                self.recorder.metric(
+                    server_round, "replayed_samples", len(ids) - kept, task=task_key, node_id=node
+                )
+            self.held[node].update(i for i in ids if i in self.cache)
             new_samples += kept
+            if self.refresh_step:
+                fresh_ids = [ids[n] for n in fresh]
+                differences.append((task_key, fresh_ids, arrays["targets"][fresh]))
+                if accepted.refresh is not None:
+                    differences.append((task_key, *accepted.refresh))
+            self._record_device_metrics(server_round, reply, task_key)
         metrics = {"new_samples": new_samples}
+        if differences:
+            metrics["refreshed_samples"] = self.apply_differences(differences)
         current = self.net.current_task if self.net is not None else None
         if current is not None and self.cache.task_size(current) > 0:
             self.tasks[current].last_round = server_round
-            acts, targets = self.training_data(current)
+            acts, targets, clipped = self.training_data(current)
             self.net.route = current if self.route_by_task else None
             if not self.net.standardizer_fitted:
                 self.net.fit_standardizer(acts)
@@ -178,17 +307,99 @@ class PAEStrategy(Strategy):
                 train_loss=float(losses["loss"][-1]),
                 train_samples=len(acts),
             )
+            if self.clip_targets:
+                metrics["clipped_targets"] = clipped
         for name, value in metrics.items():
             self.recorder.metric(server_round, name, value, task=current)
         for name, value in self.cache.stats.as_dict().items():
             self.recorder.metric(server_round, f"cache_{name}", value)
         return None, MetricRecord(metrics)
 
-    def training_data(self, current: str):
-        """What the server trains on this round: the current task's cache (or all, with replay)."""
+    def agreed_shape(self, replies: list[Message]) -> tuple[int, int] | None:
+        """The activation shape most of this call's uploads declare, while none is fixed.
+
+        The first uploads fix the (layers, hidden) shape every later upload must have; taking
+        the majority (ties: the first seen) keeps one bad first reply from fixing a wrong one.
+        """
+        shapes = []
+        for reply in replies:
+            try:
+                shape = tuple(int(v) for v in reply.content[UPLOAD]["acts"].shape)
+            except Exception:  # no upload, not an array record, ...: its own checks reject it
+                continue
+            if len(shape) == 3 and shape[0] > 0:
+                shapes.append(shape[1:])
+        return Counter(shapes).most_common(1)[0][0] if shapes else None
+
+    def accept_train_reply(
+        self, reply: Message, expected: tuple[int, int] | None = None
+    ) -> TrainReply:
+        """Every check of a training reply, with no side effect; raises :class:`UploadError`.
+
+        The phase, the record names and types, the task key, the size caps (before decoding),
+        the upload's keys, shapes, dtypes and finiteness, the device's figures and, in the
+        refresh phase, the refresh record (only samples this device uploaded before).
+        """
+        phase = reply.metadata.message_type
+        if phase != "train":
+            raise UploadError(f"a {phase!r} reply in the training phase")
+        content = reply.content
+        check_records(content, "train", TRAIN_RECORDS, {UPLOAD, CONFIG})
+        task_key = task_key_of(content[CONFIG])
+        caps = {"max_samples": self.max_upload_samples, "max_bytes": self.max_upload_bytes}
+        check_record_size(content[UPLOAD], "upload", **caps)
+        arrays = decode_arrays(content[UPLOAD], "upload")
+        expected = self.expected_shape or expected
+        shape = validate_upload(arrays, task_key, expected, self.max_upload_samples)
+        if METRICS in content:
+            check_device_metrics(content[METRICS])
+        refresh = None
+        if REFRESH in content:
+            if not self.refresh_step or shape is None:
+                raise UploadError("refresh record sent outside the refresh phase")
+            check_record_size(content[REFRESH], "refresh record", **caps)
+            refreshed = decode_arrays(content[REFRESH], "refresh")
+            validate_refresh(refreshed, shape[1], self.max_upload_samples)
+            ids = array_to_ids(refreshed["ids"])
+            held = self.held.get(reply.metadata.src_node_id, set())
+            foreign = sum(i not in held or i not in self.cache for i in ids)
+            if foreign:
+                raise UploadError(f"refresh for {foreign} sample(s) this device never uploaded")
+            refresh = (ids, refreshed["targets"])
+        arrays_shape = (int(arrays["acts"].shape[1]), int(arrays["acts"].shape[2]))
+        return TrainReply(task_key, arrays, arrays_shape if len(arrays["ids"]) else None, refresh)
+
+    def _fresh_rows(self, ids: list[bytes]) -> list[int]:
+        """Rows of an upload whose ids the cache does not hold yet (first occurrence)."""
+        seen: set[bytes] = set()
+        rows = []
+        for n, sample_id in enumerate(ids):
+            if sample_id not in self.cache and sample_id not in seen:
+                rows.append(n)
+            seen.add(sample_id)
+        return rows
+
+    def training_data(self, current: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What the server trains on this round: the current task's cache (or all, with replay).
+
+        Returns activations, targets (after :meth:`defend_targets`, task by task) and how many
+        targets the defence changed.
+        """
         keys = [k for k in self.tasks if self.cache.task_size(k)] if self.replay else [current]
-        parts = [self.cache.training_data(k) for k in keys]
-        return torch.cat([a for a, _ in parts]), torch.cat([t for _, t in parts])
+        acts, targets, changed = [], [], 0
+        for key in keys:
+            a, t = self.cache.training_data(key)
+            t, n = self.defend_targets(key, t)
+            acts.append(a)
+            targets.append(t)
+            changed += n
+        return torch.cat(acts), torch.cat(targets), changed
+
+    def defend_targets(self, task_key: str, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Poisoning defence on one task's cached targets: norm clipping at ``clip_targets`` ×
+        their median norm (0: none). Override for another defence; it must depend on norms
+        (or other rotation-invariant figures) only, or masked training stops being exact."""
+        return clip_target_norms(targets, self.clip_targets)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -211,17 +422,21 @@ class PAEStrategy(Strategy):
         """Sum devices' correct/total counts per task into accuracies."""
         sums: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3))
         upcoming: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3))
-        for reply in replies:
+        for reply in sorted(replies, key=lambda reply: reply.metadata.src_node_id):
+            node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning(
                     "round %d: evaluation on device %d failed: %s",
                     server_round,
-                    reply.metadata.src_node_id,
+                    node,
                     reply.error.reason,
                 )
                 continue
-            node = reply.metadata.src_node_id
-            seen, ahead = _task_counts(reply.content[METRICS])
+            try:
+                seen, ahead = self.accept_evaluate_reply(reply)
+            except UploadError as err:
+                self._reject(server_round, reply, "evaluate", str(err))
+                continue
             for key, counts in ahead.items():
                 upcoming[key] += counts
             for key, counts in seen.items():
@@ -247,6 +462,20 @@ class PAEStrategy(Strategy):
             self.zero_shot.setdefault(key, zero_shot / total)
         return MetricRecord(out) if out else None
 
+    def accept_evaluate_reply(
+        self, reply: Message
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Checks of an evaluation reply: the phase, only a metrics record, valid counts.
+
+        Returns ``(counts of tasks met, counts of the upcoming task)`` as
+        :func:`~flower_pae.server.validation.evaluation_counts` parses them.
+        """
+        phase = reply.metadata.message_type
+        if phase != "evaluate":
+            raise UploadError(f"a {phase!r} reply in the evaluation phase")
+        check_records(reply.content, "evaluate", EVALUATE_RECORDS, EVALUATE_RECORDS)
+        return evaluation_counts(reply.content[METRICS])
+
     def summary(self) -> None:
         log.info(
             "PAEStrategy: %d devices, %s per round, evaluate fraction %.2f",
@@ -266,11 +495,18 @@ class PAEStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn=None,
     ) -> Result:
-        """Run ``num_rounds`` rounds of upload → server training → device evaluation."""
+        """Run ``num_rounds`` rounds of upload → server training → device evaluation.
+
+        After :meth:`resume` it continues after the checkpointed round; with ``stop_after``
+        it stops (checkpointed, with the outputs written so far) after that round.
+        """
         self.summary()
         _wait_for_nodes(grid, self.num_devices, timeout)
+        self._check_nodes(sorted(grid.get_node_ids()))
         result = Result()
-        for server_round in range(1, num_rounds + 1):
+        if self.completed_rounds:
+            log.info("resuming after round %d of %d", self.completed_rounds, num_rounds)
+        for server_round in range(self.completed_rounds + 1, num_rounds + 1):
             t0 = time.perf_counter()
             train_msgs = list(
                 self.configure_train(
@@ -279,11 +515,13 @@ class PAEStrategy(Strategy):
             )
             replies = self._exchange(grid, server_round, "train", train_msgs, timeout)
             _, train_metrics = self.aggregate_train(server_round, replies)
-            eval_msgs = list(
-                self.configure_evaluate(
-                    server_round, ArrayRecord(), evaluate_config or ConfigRecord(), grid
+            eval_msgs = []
+            if self.should_evaluate(server_round, num_rounds):
+                eval_msgs = list(
+                    self.configure_evaluate(
+                        server_round, ArrayRecord(), evaluate_config or ConfigRecord(), grid
+                    )
                 )
-            )
             eval_replies = self._exchange(grid, server_round, "evaluate", eval_msgs, timeout)
             eval_metrics = self.aggregate_evaluate(server_round, eval_replies)
             if train_metrics is not None:
@@ -299,6 +537,20 @@ class PAEStrategy(Strategy):
                 seconds,
                 ", ".join(f"{k}={v:.3f}" for k, v in (eval_metrics or {}).items()),
             )
+            self.completed_rounds = server_round
+            stop = server_round == self.stop_after and server_round < num_rounds
+            if stop or self.checkpoint_due(server_round, num_rounds):
+                self.save_checkpoint()
+            if stop:
+                log.info(
+                    "stopped after round %d of %d (stop_after); resume=true continues the run",
+                    server_round,
+                    num_rounds,
+                )
+                summary = self.final_summary(server_round)
+                summary.update(stopped_after=server_round, planned_rounds=num_rounds)
+                self.recorder.write(summary)
+                return result
         self.recorder.write(self.final_summary(num_rounds))
         return result
 
@@ -314,6 +566,10 @@ class PAEStrategy(Strategy):
                 n = int(reply.content[UPLOAD]["ids"].shape[0])
                 key = str(reply.content[CONFIG].get("task_key"))
             self.recorder.message(server_round, phase, reply, "up", task_key=key, num_samples=n)
+        # Availability: devices that failed (error reply) or did not answer within timeout.
+        failed = sum(reply.has_error() for reply in replies)
+        self.recorder.metric(server_round, f"{phase}_failed", failed)
+        self.recorder.metric(server_round, f"{phase}_timed_out", len(messages) - len(replies))
         if len(replies) < len(messages):
             log.warning(
                 "round %d %s: %d of %d devices did not answer in time",
@@ -325,24 +581,158 @@ class PAEStrategy(Strategy):
         return replies
 
     # ---- helpers -------------------------------------------------------------------------
-    def _accept_upload(self, reply: Message) -> tuple[str, dict[str, np.ndarray]]:
-        content = reply.content
-        if UPLOAD not in content or CONFIG not in content:
-            raise UploadError("reply has no upload record")
-        task_key = str(content[CONFIG].get("task_key", ""))
-        arrays = record_arrays(content[UPLOAD])
-        shape = validate_upload(arrays, task_key, self.expected_shape)
-        if self.expected_shape is None and shape is not None:
-            self.expected_shape = shape
-            self.net = self.make_network(*shape)
-            self.trainer = SideNetworkTrainer(self.net, self.trainer_config)
-        return task_key, arrays
+    def _record_device_metrics(self, server_round: int, reply: Message, task_key: str) -> None:
+        """Per-device figures of a training reply (seconds, peak RSS, FLOPs) into metrics."""
+        if METRICS not in reply.content:
+            return
+        reported = reply.content[METRICS]
+        for name in ("forward_seconds", "peak_rss_mb", "flops"):
+            if name in reported:
+                node = reply.metadata.src_node_id
+                value = float(reported[name])
+                self.recorder.metric(server_round, name, value, task=task_key, node_id=node)
 
-    def _reject(self, server_round: int, reply: Message, reason: str) -> None:
+    def _open_network(self, shape: tuple[int, int]) -> None:
+        """Build the side network (and its trainer) once the first upload fixes its shape."""
+        self.expected_shape = shape
+        self.net = self.make_network(*shape)
+        self.trainer = SideNetworkTrainer(self.net, self.trainer_config)
+
+    @torch.no_grad()
+    def apply_differences(self, differences: list[tuple[str, list[bytes], np.ndarray]]) -> int:
+        """Turn devices' masked gradients ``g̃`` into regression targets ``s̃ + η·g̃``.
+
+        ``s̃`` is the side network's output now, before this round's training: the network the
+        devices computed their differences against. Returns the number of targets set.
+        """
+        count = 0
+        was_training = self.net.training
+        self.net.eval()
+        for task_key, ids, grads in differences:
+            if not ids:
+                continue
+            self.net.route = task_key if self.route_by_task else None
+            dtype = self.net.alpha.dtype
+            side = self.net(self.cache.activations(ids).to(dtype)).float().numpy()
+            self.cache.set_targets(ids, side + self.refresh_step * np.asarray(grads, np.float32))
+            count += len(ids)
+        self.net.route = None
+        self.net.train(was_training)
+        return count
+
+    def _reject(self, server_round: int, reply: Message, phase: str, reason: str) -> None:
+        """Log and record a reply that failed a check (it changes nothing else)."""
         node = reply.metadata.src_node_id
-        log.warning("round %d: rejected upload of device %d: %s", server_round, node, reason)
-        self.rejected.append({"round": server_round, "node_id": node, "reason": reason})
+        log.warning(
+            "round %d: rejected %s reply of device %d: %s", server_round, phase, node, reason
+        )
+        self.rejected.append(
+            {"round": server_round, "phase": phase, "node_id": node, "reason": reason}
+        )
         self.recorder.metric(server_round, "rejected_uploads", 1, node_id=node)
+
+    # ---- checkpoint and resume -------------------------------------------------------------
+    def checkpoint_due(self, server_round: int, num_rounds: int) -> bool:
+        """Whether to checkpoint after ``server_round``: every ``checkpoint_every`` rounds and
+        after the last."""
+        every = self.checkpoint_every
+        return bool(every) and (server_round % every == 0 or server_round == num_rounds)
+
+    def state(self) -> tuple[dict, dict]:
+        """The server's whole state after :attr:`completed_rounds`: ``(JSON-able, tensors)``.
+
+        The side network (meta and weights: task subspaces, frozen flags, gates), the task
+        log, the ids each device is known to hold, accuracies, rejected replies, the device
+        sampling generator, the trainer (optimizers and shuffling generator), the run's
+        recorded rows and the cache index (its blocks are written by the cache itself).
+        """
+        version, internal, gauss = self.rng.getstate()
+        state = {
+            "round": self.completed_rounds,
+            "expected_shape": list(self.expected_shape) if self.expected_shape else None,
+            "net_meta": self.net.meta() if self.net is not None else None,
+            "tasks": [[t.key, t.first_round, t.last_round] for t in self.tasks.values()],
+            "held": {str(node): sorted(i.hex() for i in ids) for node, ids in self.held.items()},
+            "rejected": self.rejected,
+            "accuracy": _str_keys(self.accuracy),
+            "upcoming": _str_keys(self.upcoming),
+            "zero_shot": self.zero_shot,
+            "rng": [version, list(internal), gauss],
+            "nodes": self._nodes,
+            "recorder": self.recorder.state(),
+        }
+        tensors = {
+            "net": self.net.state_dict() if self.net is not None else {},
+            "trainer": self.trainer.state_dict() if self.trainer is not None else None,
+        }
+        return state, tensors
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the state after :attr:`completed_rounds` into ``checkpoint_dir``.
+
+        The cache's new blocks are written first, then ``state.pt`` replaces the previous one
+        atomically, then superseded block files go: a run killed at any point leaves one whole
+        checkpoint behind.
+        """
+        if self.checkpoint_dir is None:
+            raise CheckpointError("this strategy has no checkpoint_dir")
+        start = time.perf_counter()
+        state, tensors = self.state()
+        state["cache"] = self.cache.checkpoint(self.checkpoint_dir)
+        path = save_state(self.checkpoint_dir, state, tensors)
+        self.cache.prune_checkpoint(self.checkpoint_dir)
+        log.info(
+            "round %d: checkpoint written to %s in %.2fs",
+            self.completed_rounds,
+            self.checkpoint_dir,
+            time.perf_counter() - start,
+        )
+        return path
+
+    def resume(self) -> int:
+        """Load the last checkpoint of ``checkpoint_dir``; :meth:`start` then continues after it.
+
+        Returns
+        -------
+        int
+            The last completed round of the checkpoint.
+        """
+        if self.checkpoint_dir is None:
+            raise CheckpointError("this strategy has no checkpoint_dir to resume from")
+        if self.completed_rounds or len(self.cache):
+            raise CheckpointError("resume() needs a fresh strategy")
+        state, tensors = load_state(self.checkpoint_dir)
+        self.cache.restore(self.checkpoint_dir, state["cache"])
+        if state["net_meta"] is not None:
+            self.expected_shape = tuple(state["expected_shape"])
+            self.net = LadderSideNetwork.from_state(state["net_meta"], tensors["net"])
+            self.trainer = SideNetworkTrainer(self.net, self.trainer_config)
+            self.trainer.load_state_dict(tensors["trainer"])
+        self.tasks = {k: _TaskLog(k, first, last) for k, first, last in state["tasks"]}
+        self.held = defaultdict(set)
+        for node, ids in state["held"].items():
+            self.held[int(node)] = {bytes.fromhex(i) for i in ids}
+        self.rejected = list(state["rejected"])
+        self.accuracy = _int_keys(state["accuracy"])
+        self.upcoming = _int_keys(state["upcoming"])
+        self.zero_shot = dict(state["zero_shot"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self._nodes = state["nodes"]
+        self.recorder.restore(state["recorder"])
+        self.completed_rounds = int(state["round"])
+        log.info("resumed from %s after round %d", self.checkpoint_dir, self.completed_rounds)
+        return self.completed_rounds
+
+    def _check_nodes(self, nodes: list[int]) -> None:
+        """Remember the run's devices; on resume, warn if they are not the checkpoint's."""
+        if self._nodes is not None and self._nodes != nodes:
+            log.warning(
+                "resumed with other node ids than the checkpoint's: the ids each device holds "
+                "are lost (devices upload again; the cache ignores the replays) and device "
+                "sampling differs, so results will not match an uninterrupted run"
+            )
+        self._nodes = nodes
 
     def _see_task(self, key: str, server_round: int) -> None:
         """Open a subspace for a new task key; the previous task's training ends."""
@@ -398,22 +788,12 @@ class PAEStrategy(Strategy):
         return summary
 
 
-def _task_counts(metrics: MetricRecord) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Parse ``<key>/[upcoming_]correct|zero_shot_correct|total`` of an evaluation reply.
+def _str_keys(values: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {str(k): dict(v) for k, v in values.items()}
 
-    Returns (counts of tasks the device has met, counts of its upcoming task).
-    """
-    seen: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3))
-    ahead: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(3))
-    slots = {"correct": 0, "zero_shot_correct": 1, "total": 2}
-    for name, value in metrics.items():
-        key, _, what = name.rpartition("/")
-        target = seen
-        if what.startswith("upcoming_"):
-            target, what = ahead, what.removeprefix("upcoming_")
-        if key and what in slots:
-            target[key][slots[what]] = float(value)
-    return seen, ahead
+
+def _int_keys(values: dict[str, dict[str, float]]) -> dict[int, dict[str, float]]:
+    return {int(k): dict(v) for k, v in values.items()}
 
 
 def _bytes_by_phase(messages) -> dict[str, int]:

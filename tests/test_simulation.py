@@ -108,7 +108,12 @@ def test_device_uploads_carry_no_text_labels_logits_or_test_samples(run_dir):
         uploaded += n
         config = dict(msg.content[CONFIG])
         assert list(config) == ["task_key"] and re.fullmatch(r"[0-9a-f]{16}", config["task_key"])
-        assert set(msg.content[METRICS]) == {"num-examples", "forward_seconds", "peak_rss_mb"}
+        assert set(msg.content[METRICS]) == {
+            "num-examples",
+            "forward_seconds",
+            "peak_rss_mb",
+            "flops",
+        }
     assert uploaded == sum(len(t.train) for t in tasks)
 
 
@@ -198,3 +203,31 @@ def test_analysis_reads_the_run(run_dir):
     per_node = run.metrics.dropna(subset=["node_id"])
     assert set(per_node["node_id"]) <= set(run.messages["node_id"])
     assert sorted(run.task_names.values()) == ["bbc", "rotten_tomatoes"]
+
+
+def test_report_builds_from_the_run_and_its_tables_match_the_dataframes(run_dir, tmp_path):
+    from analysis import bytes_table, load_run, overview, per_device_bytes, write_report
+
+    run = load_run(run_dir)
+    path = write_report([run], tmp_path / "report", target=0.0)
+    text = path.read_text()
+    for png in ("accuracy_vs_bytes.png", "run0_traffic.png", "run0_devices.png", "run0_matrix.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 0 and f"]({png})" in text
+    table = pd.read_csv(tmp_path / "report" / "overview.csv", index_col="run")
+    expected = overview([run])
+    assert int(table.loc[run.name, "bytes_total"]) == run.messages["payload_bytes"].sum()
+    assert int(table.loc[run.name, "bytes_up"]) == expected.loc[run.name, "bytes_up"]
+    assert f"{int(expected.loc[run.name, 'bytes_total'])}" in text.replace(",", "")
+    by_phase = pd.read_csv(tmp_path / "report" / "run0_bytes.csv", index_col=0)
+    assert by_phase["bytes"].sum() == bytes_table(run)["bytes"].sum()
+    devices = pd.read_csv(tmp_path / "report" / "run0_devices.csv", index_col=0)
+    assert devices.loc["total", "count"] == len(per_device_bytes(run))
+    reach = pd.read_csv(tmp_path / "report" / "bytes_to_reach.csv", index_col="run")
+    # target 0: reached at the first evaluated round, after that round's traffic
+    first = run.messages[run.messages["round"] == 1]["payload_bytes"].sum()
+    assert reach.loc[run.name, "round"] == 1 and reach.loc[run.name, "bytes"] == first
+    # the command writes the same report
+    from simulations.cli import main
+
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "report.md").is_file()

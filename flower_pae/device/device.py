@@ -17,11 +17,20 @@ import torch
 from flower_pae.backbone import Backbone, cache_dir, load_backbone, select_layers
 from flower_pae.config import RunConfig
 from flower_pae.data import Task, load_task, partition, resolve_stream
-from flower_pae.device.difference import additive_prediction, lift, mask, residual, unmask
+from flower_pae.device.cost import forward_flops, matmul_params
+from flower_pae.device.difference import (
+    additive_prediction,
+    gradient_difference,
+    lift,
+    mask,
+    residual,
+    unmask,
+)
+from flower_pae.device.noise import add_target_noise
 from flower_pae.device.secret import CohortSecret
 from flower_pae.device.shortcut import build_prompt, label_rows, pivot_features
 from flower_pae.device.store import ActivationStore
-from flower_pae.wire import encode_activations, ids_to_array
+from flower_pae.wire import decode_activations, encode_activations, ids_to_array
 
 
 @dataclass
@@ -41,6 +50,8 @@ class Upload:
     task_key: str
     arrays: dict[str, np.ndarray]  # ids, acts (+ scales), targets
     forward_seconds: float
+    refresh: dict[str, np.ndarray] | None = None  # ids, targets of samples the server holds
+    flops: float = 0.0  # estimated FLOPs of the new samples' forward (2·P·tokens)
 
     @property
     def num_samples(self) -> int:
@@ -92,6 +103,11 @@ def side_output(
     )
 
 
+def _routed(side_network, key: str):
+    side_network.route = key
+    return side_network
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -106,7 +122,7 @@ class Device:
         self.cfg = cfg
         self.partition_id = partition_id
         self.specs = resolve_stream(cfg.stream)
-        self.secret = secret or CohortSecret.for_device(cache_dir() / "cohort_secret")
+        self.secret = secret or CohortSecret.for_process(cache_dir() / "cohort_secret")
         rng = random.Random(f"{cfg.seed}:stagger:{partition_id}")
         self.offset = rng.randint(0, cfg.stagger_rounds) if cfg.stagger_rounds else 0
 
@@ -167,8 +183,41 @@ class Device:
         return Features(acts, final @ rows.T, rows, seconds)
 
     # ---- training upload -----------------------------------------------------------------
-    def upload(self, server_round: int, held: set[bytes]) -> Upload:
-        """Forward the samples the server does not hold yet and build their masked targets."""
+    @property
+    def space(self) -> str:
+        """Where the side output is added: probabilities (one-shot) or logits (refresh)."""
+        return "logit" if self.cfg.refresh_step > 0 else "prob"
+
+    def _differences(
+        self, feats: Features, labels: torch.Tensor, side_network, first_id: bytes
+    ) -> np.ndarray:
+        """Masked prediction differences of a batch, as the configured protocol defines them.
+
+        One-shot: ``pinv(W_t)·(onehot(y) − softmax(z))``. Refresh: the cross-entropy gradient
+        ``W_tᵀ·(onehot(y) − softmax(z + W_t·s))`` against the downloaded side network's output
+        on the activations exactly as the server holds them (after fp16/int8 encoding).
+        """
+        q = self.secret.rotation(self.backbone.hidden_size)
+        if self.space == "prob":
+            target = lift(feats.rows, residual(feats.logits, labels))
+        else:
+            side = torch.zeros(len(labels), self.backbone.hidden_size)
+            if side_network is not None:
+                wire = decode_activations(encode_activations(feats.acts, self.cfg.precision))
+                side = unmask(side_output(side_network, wire), q)
+            target = gradient_difference(feats.logits, feats.rows, labels, side)
+        target = add_target_noise(
+            target, self.cfg.target_noise, self.secret.sample_id("noise", first_id.hex())
+        )
+        return mask(target, q).numpy()
+
+    def upload(self, server_round: int, held: set[bytes], side_network=None) -> Upload:
+        """Forward the samples the server does not hold yet and build their masked targets.
+
+        With ``refresh_step > 0`` and a downloaded ``side_network``, the samples the server
+        already holds get fresh differences too (``Upload.refresh``): their pivot states come
+        from the device's store, with no new forward pass.
+        """
         index = self.task_index(server_round)
         task = self.task(index)
         examples = self._shard(index, "train")
@@ -177,17 +226,39 @@ class Device:
         if self.cfg.samples_per_round:
             new = new[: self.cfg.samples_per_round]
         d = self.backbone.hidden_size
+        refresh = None
+        if side_network is not None and self.cfg.method == "oracle":
+            # the oracle's server trains (and refreshes against) the current task's net alone
+            key = self.task_key(index)
+            side_network = _routed(side_network, key) if key in side_network.task_keys else None
+        if self.space == "logit" and side_network is not None:
+            old = [(i, ex) for i, ex in zip(ids, examples, strict=True) if i in held]
+            if old:
+                feats = self.features(task, [ex.text for _, ex in old])
+                labels = torch.tensor([ex.label for _, ex in old])
+                refresh = {
+                    "ids": ids_to_array([i for i, _ in old]),
+                    "targets": self._differences(feats, labels, side_network, old[0][0]),
+                }
         if not new:
             arrays = encode_activations(torch.zeros(0, len(self.layers), d), self.cfg.precision)
             arrays.update(ids=ids_to_array([]), targets=np.zeros((0, d), np.float32))
-            return Upload(self.task_key(index), arrays, 0.0)
+            return Upload(self.task_key(index), arrays, 0.0, refresh)
         feats = self.features(task, [ex.text for _, ex in new])
         labels = torch.tensor([ex.label for _, ex in new])
-        target = lift(feats.rows, residual(feats.logits, labels))
-        masked = mask(target, self.secret.rotation(d))
         arrays = encode_activations(feats.acts, self.cfg.precision)
-        arrays.update(ids=ids_to_array([i for i, _ in new]), targets=masked.numpy())
-        return Upload(self.task_key(index), arrays, feats.seconds)
+        arrays.update(
+            ids=ids_to_array([i for i, _ in new]),
+            targets=self._differences(feats, labels, side_network, new[0][0]),
+        )
+        flops = self.forward_flops(task, [ex.text for _, ex in new])
+        return Upload(self.task_key(index), arrays, feats.seconds, refresh, flops)
+
+    def forward_flops(self, task: Task, texts: list[str]) -> float:
+        """FLOPs estimate of the backbone forward over ``texts``' prompts (padding excluded)."""
+        prompts = self._prompts(task, texts)
+        tokens = sum(len(ids) for ids in self.backbone.tokenizer(prompts).input_ids)
+        return forward_flops(matmul_params(self.backbone.model), tokens)
 
     # ---- local evaluation ----------------------------------------------------------------
     def test_features(self, index: int, store: dict | None = None) -> dict[str, torch.Tensor]:
@@ -230,7 +301,7 @@ class Device:
                 side = torch.zeros_like(feats["acts"][:, 0])  # the oracle has no net for it yet
             else:
                 side = unmask(side_output(side_network, feats["acts"]), q)
-            pred = additive_prediction(feats["logits"], rows, side)
+            pred = additive_prediction(feats["logits"], rows, side, self.space)
             results.append(
                 TaskEval(
                     task_key=self.task_key(index),

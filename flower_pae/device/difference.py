@@ -31,8 +31,29 @@ def unmask(s_masked: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (s_masked.double() @ q).float()
 
 
-def additive_prediction(
-    logits: torch.Tensor, rows: torch.Tensor, side: torch.Tensor
+def gradient_difference(
+    logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, side: torch.Tensor
 ) -> torch.Tensor:
-    """``argmax(softmax(z) + W_t·s)``: the backbone's prediction plus the side correction."""
+    """``W_tᵀ·(onehot(y) − softmax(z + W_t·s))``: the refresh phase's difference.
+
+    The negative gradient of the cross-entropy of ``z + W_t·s`` with respect to the side output
+    ``s``, in hidden space. A server that regresses ``s`` onto ``s + η·g`` every round follows
+    cross-entropy (functional gradient descent) without seeing a label.
+    """
+    r = residual(logits.double() + side.double() @ rows.double().T, labels)
+    return r @ rows.double()
+
+
+def additive_prediction(
+    logits: torch.Tensor, rows: torch.Tensor, side: torch.Tensor, space: str = "prob"
+) -> torch.Tensor:
+    """The backbone's prediction plus the side correction, through the frozen label rows.
+
+    ``space="prob"``: ``argmax(softmax(z) + W_t·s)`` (one-shot differences);
+    ``space="logit"``: ``argmax(z + W_t·s)`` (refreshed cross-entropy differences).
+    """
+    if space == "logit":
+        return (logits + side @ rows.T).argmax(dim=-1)
+    if space != "prob":
+        raise ValueError(f"space must be 'prob' or 'logit', got {space!r}")
     return (torch.softmax(logits, dim=-1) + side @ rows.T).argmax(dim=-1)

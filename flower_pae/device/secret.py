@@ -8,6 +8,7 @@ single device colluding with the server exposes it (the trust model of DESIGN.md
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -55,6 +56,16 @@ class CohortSecret:
                 tmp.unlink(missing_ok=True)
         return cls.from_hex(secret_file.read_text())
 
+    @classmethod
+    def for_process(cls, secret_file: Path) -> CohortSecret:
+        """:meth:`for_device`, shared by every simulated device of this process.
+
+        The rotation ``Q`` (a QR factorization of a d × d matrix, about 35 ms for d = 576)
+        is then computed once per process, not once per device: a Ray actor serves
+        hundreds of devices in a many-device study.
+        """
+        return _process_secret(Path(secret_file), os.environ.get(SECRET_ENV, ""))
+
     def _mac(self, *parts: str) -> bytes:
         msg = "\x1f".join(parts).encode("utf-8")
         return hmac.new(self._key, msg, hashlib.sha256).digest()
@@ -76,3 +87,9 @@ class CohortSecret:
             q, r = torch.linalg.qr(gauss)
             self._rotations[dim] = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
         return self._rotations[dim]
+
+
+@functools.lru_cache(maxsize=8)
+def _process_secret(secret_file: Path, env_hex: str) -> CohortSecret:
+    """One :class:`CohortSecret` per (file, environment value) per process."""
+    return CohortSecret.for_device(secret_file)

@@ -94,6 +94,8 @@ class ActivationStore:
         The seconds returned are those the forwards took when first computed, so a run
         that hits the store still accounts the device time of the protocol.
         """
+        if not prompts:  # a device with no rows of a split (many devices, few rows)
+            return compute([])
         keys = [self.key(model, layers, p) for p in prompts]
         found = [self.get(k) for k in keys]
         missing = [i for i, e in enumerate(found) if e is None]

