@@ -21,7 +21,8 @@ PRECISIONS = ("fp16", "int8")
 UPLOAD = "upload"  # ArrayRecord: a device's new samples
 UPLOAD_KEYS_FP16 = {"ids", "acts", "targets"}
 UPLOAD_KEYS_INT8 = {"ids", "acts", "scales", "targets"}
-HELD = "held"  # ArrayRecord: ids the server already caches for the receiving node
+HELD = "held"  # ArrayRecord: ids the server caches for the receiving node (+ "side": its
+# masked outputs for them, in the refresh phase)
 REFRESH = "refresh"  # ArrayRecord: fresh masked differences of held samples (refresh phase)
 REFRESH_KEYS = {"ids", "targets"}
 SIDE_NET = "side_net"  # ArrayRecord: the side network's weights

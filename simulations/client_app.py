@@ -23,7 +23,6 @@ from flower_pae.wire import (
     HELD,
     METRICS,
     REFRESH,
-    SIDE_NET,
     UPLOAD,
     array_record,
     array_to_ids,
@@ -82,11 +81,11 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         device = _device(settings(context), context)
         server_round = int(msg.content[CONFIG]["round"])
         _availability(settings(context), context, server_round)
-        held = set(array_to_ids(msg.content[HELD]["ids"].numpy()))
-        net = None
-        if SIDE_NET in msg.content:  # refresh phase: differences against the current output
-            net = LadderSideNetwork.from_state(*side_network_from_records(msg.content))
-        upload = device.upload(server_round, held, net)
+        held_ids = array_to_ids(msg.content[HELD]["ids"].numpy())
+        held_side = None
+        if "side" in msg.content[HELD]:  # refresh phase: the server's outputs for held samples
+            held_side = dict(zip(held_ids, msg.content[HELD]["side"].numpy(), strict=True))
+        upload = device.upload(server_round, set(held_ids), held_side)
         log(
             INFO,
             "device %d, round %d: %d new samples of task %s forwarded in %.1fs",

@@ -120,9 +120,10 @@ class PAEStrategy(Strategy):
         Rounds per task of an aligned schedule (0: unknown).
     refresh_step : float
         0: one-shot differences, uploaded once per sample. ``η > 0``: the refresh phase of
-        DESIGN.md: training messages carry the side network, devices answer with masked
-        cross-entropy gradients ``g̃`` of the samples it holds against its current output, and
-        the server regresses on ``s̃ + η·g̃`` (one functional gradient step per round).
+        DESIGN.md: training messages carry the server's masked outputs ``s̃`` for the samples
+        it holds of that device (:meth:`held_outputs`), devices answer with masked
+        cross-entropy gradients ``g̃`` against them, and the server regresses on ``s̃ + η·g̃``
+        (one functional gradient step per round).
     clip_targets : float
         Poisoning defence: before each round's training, every target's norm is clipped at
         this many times the median target norm of its task (0: off). Norms survive the
@@ -223,16 +224,38 @@ class PAEStrategy(Strategy):
         """Ask each sampled device for its new samples, telling it which ids we hold."""
         messages = []
         for node in self.sample_nodes(grid, self.devices_per_round):
+            held = sorted(self.held[node])
+            record = {"ids": ids_to_array(held)}
+            if self.refresh_step and self.net is not None and held:
+                # the refresh phase: the server's own (masked) outputs for the samples it holds,
+                # all a device needs for their cross-entropy gradient; not the whole network
+                record["side"] = self.held_outputs(held)
             content = RecordDict(
                 {
                     CONFIG: ConfigRecord({**config, "round": server_round}),
-                    HELD: array_record({"ids": ids_to_array(sorted(self.held[node]))}),
+                    HELD: array_record(record),
                 }
             )
-            if self.refresh_step and self.net is not None:
-                content.update(side_network_records(self.net.meta(), self.net.state_dict()))
             messages.append(Message(content, dst_node_id=node, message_type="train"))
         return messages
+
+    @torch.no_grad()
+    def held_outputs(self, ids: list[bytes]) -> np.ndarray:
+        """The side network's current masked outputs ``s̃`` (float32, (len(ids), d)) for cached
+        samples, each through its own task's adapters where tasks are routed (the oracle)."""
+        was_training = self.net.training
+        self.net.eval()
+        out = np.zeros((len(ids), self.net.out_dim), np.float32)
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for n, sample_id in enumerate(ids):
+            by_task[self.cache.task_of(sample_id)].append(n)
+        for task_key, rows in by_task.items():
+            self.net.route = task_key if self.route_by_task else None
+            acts = self.cache.activations([ids[n] for n in rows]).to(self.net.alpha.dtype)
+            out[rows] = self.net(acts).float().numpy()
+        self.net.route = None
+        self.net.train(was_training)
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -286,9 +309,9 @@ class PAEStrategy(Strategy):
             new_samples += kept
             if self.refresh_step:
                 fresh_ids = [ids[n] for n in fresh]
-                differences.append((task_key, fresh_ids, arrays["targets"][fresh]))
+                differences.append((task_key, fresh_ids, arrays["targets"][fresh], True))
                 if accepted.refresh is not None:
-                    differences.append((task_key, *accepted.refresh))
+                    differences.append((task_key, *accepted.refresh, False))
             self._record_device_metrics(server_round, reply, task_key)
         metrics = {"new_samples": new_samples}
         if differences:
@@ -599,22 +622,31 @@ class PAEStrategy(Strategy):
         self.trainer = SideNetworkTrainer(self.net, self.trainer_config)
 
     @torch.no_grad()
-    def apply_differences(self, differences: list[tuple[str, list[bytes], np.ndarray]]) -> int:
+    def apply_differences(
+        self, differences: list[tuple[str, list[bytes], np.ndarray, bool]]
+    ) -> int:
         """Turn devices' masked gradients ``g̃`` into regression targets ``s̃ + η·g̃``.
 
-        ``s̃`` is the side network's output now, before this round's training: the network the
-        devices computed their differences against. Returns the number of targets set.
+        ``s̃`` is the side network's output now, before this round's training: the outputs the
+        devices got with their training message and computed their gradients against. A new
+        sample's gradient was computed against ``s = 0`` (the device had no output for it):
+        it is used only where the output is exactly zero (no network or zero-initialised
+        output maps); elsewhere its target is ``s̃`` (no step) until its first refresh.
+        Returns the number of targets set.
         """
         count = 0
         was_training = self.net.training
         self.net.eval()
-        for task_key, ids, grads in differences:
+        for task_key, ids, grads, fresh in differences:
             if not ids:
                 continue
             self.net.route = task_key if self.route_by_task else None
             dtype = self.net.alpha.dtype
             side = self.net(self.cache.activations(ids).to(dtype)).float().numpy()
-            self.cache.set_targets(ids, side + self.refresh_step * np.asarray(grads, np.float32))
+            step = self.refresh_step * np.asarray(grads, np.float32)
+            if fresh:
+                step *= ~np.any(side != 0, axis=1, keepdims=True)
+            self.cache.set_targets(ids, side + step)
             count += len(ids)
         self.net.route = None
         self.net.train(was_training)

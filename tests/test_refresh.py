@@ -120,9 +120,16 @@ def test_refresh_resends_only_masked_gradients_of_held_samples(refresh_run):
         assert ids <= train_ids
         refreshed_by_round[rnd] = refreshed_by_round.get(rnd, 0) + len(ids)
     assert refreshed_by_round == {2: len(task.train), 3: len(task.train)}
-    # the side network travels down with each training message once it exists
-    downs = {int(n[:4]): set(m.content.keys()) for n, _, m in _wire(refresh_run, "train", "down")}
-    assert "side_net" not in downs[1] and "side_net" in downs[2]
+    # down: not the network, only the server's masked outputs for the samples it holds
+    for name, _, msg in _wire(refresh_run, "train", "down"):
+        assert set(msg.content.keys()) == {"config", "held"}, name
+        held = {k: v.numpy() for k, v in msg.content["held"].items()}
+        if int(name[:4]) == 1:
+            assert set(held) == {"ids"} and held["ids"].shape[0] == 0
+        else:
+            assert set(held) == {"ids", "side"}
+            assert held["side"].shape == (held["ids"].shape[0], refresh["targets"].shape[1])
+            assert held["side"].dtype == np.float32 and np.abs(held["side"]).max() > 0
 
 
 def test_refresh_run_trains_and_reports(refresh_run):
@@ -166,7 +173,7 @@ def _strategy(tmp_path, refresh_step=4.0):
     )
 
 
-def _reply(node: int, ids: list[bytes], acts: int, refresh: dict | None):
+def _reply(node: int, ids: list[bytes], acts: int, refresh: dict | None, values=None):
     from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
     from flower_pae.wire import array_record, ids_to_array
@@ -177,7 +184,7 @@ def _reply(node: int, ids: list[bytes], acts: int, refresh: dict | None):
             UPLOAD: array_record(
                 {
                     "ids": ids_to_array(ids[:acts]),
-                    "acts": np.ones((acts, layers, d), np.float16),
+                    "acts": np.ones((acts, layers, d), np.float16) if values is None else values,
                     "targets": np.ones((acts, d), np.float32),
                 }
             ),
@@ -221,3 +228,31 @@ def test_refresh_outside_the_refresh_phase_is_rejected(tmp_path):
     refresh = {"ids": ids_to_array(ids), "targets": np.zeros((2, 8), np.float32)}
     strategy.aggregate_train(2, [_reply(1, ids, 0, refresh)])
     assert "outside the refresh phase" in strategy.rejected[-1]["reason"]
+
+
+def test_a_new_sample_steps_only_where_the_output_is_zero(tmp_path):
+    """A new sample's gradient was computed against s = 0: the server uses it only where its
+    output is exactly zero, and otherwise keeps the sample at its current output."""
+    import copy
+
+    rng = np.random.default_rng(0)
+    strategy = _strategy(tmp_path)
+    ids = [bytes([i]) * 16 for i in range(6)]
+    acts = rng.standard_normal((6, 2, 8)).astype(np.float16)
+    strategy.aggregate_train(1, [_reply(1, ids[:4], 4, None, acts[:4])])
+    # round 1: no trained output yet, so targets are η·g exactly (the uploaded g are ones)
+    _, targets, _ = strategy.training_data("0123456789abcdef")
+    np.testing.assert_allclose(targets.numpy(), 4.0 * np.ones((4, 8)), rtol=1e-6)
+    before = copy.deepcopy(strategy.net).eval()
+    with torch.no_grad():
+        expected = before(torch.from_numpy(acts[4:].astype(np.float32))).numpy()
+    assert np.abs(expected).max() > 0  # the network learned something in round 1
+    strategy.aggregate_train(2, [_reply(2, ids[4:], 2, None, acts[4:])])
+    assert strategy.rejected == []
+    got = {bytes(i): t for i, t in zip(ids[:6], strategy_targets(strategy), strict=True)}
+    np.testing.assert_allclose(np.stack([got[i] for i in ids[4:]]), expected, atol=1e-6)
+
+
+def strategy_targets(strategy) -> np.ndarray:
+    _, targets, _ = strategy.training_data("0123456789abcdef")
+    return targets.numpy()

@@ -30,7 +30,7 @@ from flower_pae.device.noise import add_target_noise
 from flower_pae.device.secret import CohortSecret
 from flower_pae.device.shortcut import build_prompt, label_rows, pivot_features
 from flower_pae.device.store import ActivationStore
-from flower_pae.wire import decode_activations, encode_activations, ids_to_array
+from flower_pae.wire import encode_activations, ids_to_array
 
 
 @dataclass
@@ -101,11 +101,6 @@ def side_output(
     return torch.cat(
         [side_network(acts[i : i + batch].to(dtype)) for i in range(0, len(acts), batch)]
     )
-
-
-def _routed(side_network, key: str):
-    side_network.route = key
-    return side_network
 
 
 def peak_rss_mb() -> float:
@@ -189,34 +184,38 @@ class Device:
         return "logit" if self.cfg.refresh_step > 0 else "prob"
 
     def _differences(
-        self, feats: Features, labels: torch.Tensor, side_network, first_id: bytes
+        self, feats: Features, labels: torch.Tensor, side: torch.Tensor | None, first_id: bytes
     ) -> np.ndarray:
         """Masked prediction differences of a batch, as the configured protocol defines them.
 
         One-shot: ``pinv(W_t)·(onehot(y) − softmax(z))``. Refresh: the cross-entropy gradient
-        ``W_tᵀ·(onehot(y) − softmax(z + W_t·s))`` against the downloaded side network's output
-        on the activations exactly as the server holds them (after fp16/int8 encoding).
+        ``W_tᵀ·(onehot(y) − softmax(z + W_t·s))`` against the server's decoded output ``s``
+        for each sample (zero for a sample the server has no output for yet).
         """
         q = self.secret.rotation(self.backbone.hidden_size)
         if self.space == "prob":
             target = lift(feats.rows, residual(feats.logits, labels))
         else:
-            side = torch.zeros(len(labels), self.backbone.hidden_size)
-            if side_network is not None:
-                wire = decode_activations(encode_activations(feats.acts, self.cfg.precision))
-                side = unmask(side_output(side_network, wire), q)
+            if side is None:
+                side = torch.zeros(len(labels), self.backbone.hidden_size)
             target = gradient_difference(feats.logits, feats.rows, labels, side)
         target = add_target_noise(
             target, self.cfg.target_noise, self.secret.sample_id("noise", first_id.hex())
         )
         return mask(target, q).numpy()
 
-    def upload(self, server_round: int, held: set[bytes], side_network=None) -> Upload:
+    def upload(
+        self,
+        server_round: int,
+        held: set[bytes],
+        held_side: dict[bytes, np.ndarray] | None = None,
+    ) -> Upload:
         """Forward the samples the server does not hold yet and build their masked targets.
 
-        With ``refresh_step > 0`` and a downloaded ``side_network``, the samples the server
-        already holds get fresh differences too (``Upload.refresh``): their pivot states come
-        from the device's store, with no new forward pass.
+        With ``refresh_step > 0`` the server sends ``held_side``, its masked outputs for the
+        samples it holds; those samples get fresh differences against them
+        (``Upload.refresh``), with their pivot states from the device's store and no new
+        forward pass.
         """
         index = self.task_index(server_round)
         task = self.task(index)
@@ -227,18 +226,16 @@ class Device:
             new = new[: self.cfg.samples_per_round]
         d = self.backbone.hidden_size
         refresh = None
-        if side_network is not None and self.cfg.method == "oracle":
-            # the oracle's server trains (and refreshes against) the current task's net alone
-            key = self.task_key(index)
-            side_network = _routed(side_network, key) if key in side_network.task_keys else None
-        if self.space == "logit" and side_network is not None:
-            old = [(i, ex) for i, ex in zip(ids, examples, strict=True) if i in held]
+        if self.space == "logit" and held_side:
+            old = [(i, ex) for i, ex in zip(ids, examples, strict=True) if i in held_side]
             if old:
                 feats = self.features(task, [ex.text for _, ex in old])
                 labels = torch.tensor([ex.label for _, ex in old])
+                masked = torch.from_numpy(np.stack([held_side[i] for i, _ in old]))
+                side = unmask(masked, self.secret.rotation(d))
                 refresh = {
                     "ids": ids_to_array([i for i, _ in old]),
-                    "targets": self._differences(feats, labels, side_network, old[0][0]),
+                    "targets": self._differences(feats, labels, side, old[0][0]),
                 }
         if not new:
             arrays = encode_activations(torch.zeros(0, len(self.layers), d), self.cfg.precision)
@@ -249,7 +246,7 @@ class Device:
         arrays = encode_activations(feats.acts, self.cfg.precision)
         arrays.update(
             ids=ids_to_array([i for i, _ in new]),
-            targets=self._differences(feats, labels, side_network, new[0][0]),
+            targets=self._differences(feats, labels, None, new[0][0]),
         )
         flops = self.forward_flops(task, [ex.text for _, ex in new])
         return Upload(self.task_key(index), arrays, feats.seconds, refresh, flops)

@@ -152,6 +152,10 @@ class ActivationCache:
             if block.arrays is None:
                 np.savez(block.path, **arrays)
 
+    def task_of(self, sample_id: bytes) -> str:
+        """The task key a cached sample was uploaded under."""
+        return self._ids[sample_id]
+
     def task_ids(self, task_key: str) -> list[bytes]:
         return [i for i, k in self._ids.items() if k == task_key]
 
