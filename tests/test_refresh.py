@@ -12,8 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.common.serde import message_from_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from flower_pae.config import RunConfig
 from flower_pae.data import load_task
@@ -22,6 +20,7 @@ from flower_pae.device.secret import SECRET_ENV, CohortSecret
 from flower_pae.oa_adapter import OAAdapterConfig
 from flower_pae.side_network import LadderSideNetwork, SideNetworkTrainer, TrainerConfig
 from flower_pae.wire import CONFIG, METRICS, REFRESH, REFRESH_KEYS, UPLOAD
+from tests.test_simulation import _wire
 
 
 def _refresh_run(q: torch.Tensor, steps: int = 4) -> torch.Tensor:
@@ -89,12 +88,6 @@ def refresh_run(tmp_path_factory, tiny_model_dir) -> Path:
     )
     simulate(cfg, out)
     return out
-
-
-def _wire(run_dir: Path, phase: str, direction: str):
-    for path in sorted((run_dir / "wire").glob(f"*-{phase}-{direction}-*.pb")):
-        raw = path.read_bytes()
-        yield path.name, raw, message_from_proto(ProtoMessage.FromString(raw))
 
 
 def test_refresh_resends_only_masked_gradients_of_held_samples(refresh_run):
