@@ -86,6 +86,7 @@ class RunConfig:
     record_wire: bool = False
     timeout: float = 900.0
     client_cpus: float = 1.0
+    ray_address: str = ""  # "": a private local Ray; "auto" or HOST:PORT: a `ray start` cluster
     # checkpoint and resume
     checkpoint_every: int = 1  # checkpoint the server's state every N rounds (0: never)
     stop_after: int = 0  # stop (checkpointed) after this round, as if interrupted (0: never)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,14 +84,19 @@ def simulate(
     os.environ[SECRET_ENV] = secret_hex
     backend = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
-        # Ray's local workers inherit this process's environment (and so the secret).
-        "init_args": {"num_cpus": os.cpu_count() or 1},
+        # A private Ray instance ("local": even where `ray start` left a cluster address),
+        # whose workers inherit this process's environment (and so the secret).
+        "init_args": {"address": "local", "num_cpus": os.cpu_count() or 1},
     }
     summary_path = out / "summary.json"
     before = summary_path.stat().st_mtime_ns if summary_path.exists() else None
     # Node ids drawn from the seed: the server's per-device state (held ids, sampling) means
     # the same devices in a resumed run, and a run with the same seed samples the same ones.
-    with warnings.catch_warnings(), seeded_flower_ids(cfg.seed):
+    with (
+        warnings.catch_warnings(),
+        seeded_flower_ids(cfg.seed),
+        ray_cluster(cfg.ray_address, _device_environment()),
+    ):
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=server_app or make_server_app(cfg),
@@ -100,6 +108,61 @@ def simulate(
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log")
     _write_task_names(cfg, out, CohortSecret.from_hex(secret_hex))
     return json.loads(summary_path.read_text())
+
+
+def _device_environment() -> dict[str, str]:
+    """What a device's process needs from this one's environment: flower-pae's and Hugging
+    Face's variables (the cohort secret, cache and data directories, offline switches)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("FLOWER_PAE_", "HF_"))}
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast where no cluster listens: Ray itself retries for minutes (also on the stale
+    address that ``auto`` finds after a cluster of this machine stopped)."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        host, _, port = canonicalize_bootstrap_address_or_die(address).rpartition(":")
+        socket.create_connection((host, int(port)), timeout).close()
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"ray_address={address!r}: no Ray cluster answers there ({err}). Start one with "
+            "`ray start --head`, or leave ray_address empty for a private local instance"
+        ) from err
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str, env: dict[str, str]) -> Iterator[None]:
+    """Connect to a running Ray cluster (``ray start``) for the simulation, if ``address``.
+
+    Flower's Ray backend starts a private Ray instance unless one is connected, and gives its
+    workers only ``PYTHONPATH``. Workers of a ``ray start`` cluster do not inherit this
+    process's environment, so the devices' variables ``env`` travel in the connection's
+    runtime environment (to the cluster's workers; the ServerApp never reads them).
+
+    Raises
+    ------
+    ConfigError
+        When no cluster answers at ``address``.
+    """
+    if not address:
+        yield
+        return
+    import ray
+
+    _check_reachable(address)
+    env_vars = {"PYTHONPATH": os.pathsep.join(sys.path), **env}
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, logging_level="warning")
+    except (ConnectionError, RuntimeError) as err:
+        raise ConfigError(
+            f"ray_address={address!r}: no Ray cluster answers there ({err}). Start one with "
+            "`ray start --head`, or leave ray_address empty for a private local instance"
+        ) from err
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _cohort_secret(cfg: RunConfig, out: Path, env: str) -> str:

@@ -33,7 +33,7 @@ def run_dir(cfg: RunConfig) -> Path:
 
 # Settings a resumed run may change: they do not change what the run computes.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "stop_after", "checkpoint_every", "out_dir", "timeout", "client_cpus"}
+    {"resume", "stop_after", "checkpoint_every", "out_dir", "timeout", "client_cpus", "ray_address"}
     | {"server_threads", "record_wire", "activation_store", "store_max_gb"}
 )
 

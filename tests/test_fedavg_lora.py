@@ -18,6 +18,7 @@ from flower_pae.device.cost import forward_flops, lora_step_flops
 from flower_pae.runlog import RunRecorder
 from flower_pae.wire import array_record, message_bytes
 from strategies.fedavg_lora import ADAPTER, CONFIG, METRICS, FedAvgLoRAStrategy
+from tests.run_contract import wire_messages
 
 STREAM = "pypi:bbc"
 DEVICES, ROUNDS = 3, 2
@@ -49,8 +50,7 @@ def run_dir(tmp_path_factory, lora_cfg) -> Path:
 
 
 def _wire(run_dir: Path, server_round: int, phase: str, direction: str) -> list[Message]:
-    paths = sorted((run_dir / "wire").glob(f"{server_round:04d}-{phase}-{direction}-*.pb"))
-    return [message_from_proto(ProtoMessage.FromString(p.read_bytes())) for p in paths]
+    return [m for _, _, m in wire_messages(run_dir, phase, direction, server_round)]
 
 
 def _adapter(msg: Message) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from flower_pae.device.secret import SECRET_ENV, CohortSecret
 from flower_pae.oa_adapter import OAAdapterConfig
 from flower_pae.side_network import LadderSideNetwork, SideNetworkTrainer, TrainerConfig
 from flower_pae.wire import CONFIG, METRICS, REFRESH, REFRESH_KEYS, UPLOAD
-from tests.test_simulation import _wire
+from tests.run_contract import wire_messages
 
 
 def _refresh_run(q: torch.Tensor, steps: int = 4) -> torch.Tensor:
@@ -96,7 +96,7 @@ def test_refresh_resends_only_masked_gradients_of_held_samples(refresh_run):
     train_ids = {secret.sample_id(task.name, ex.text) for ex in task.train}
     forbidden = [lbl.encode() for lbl in task.labels] + [ex.text[:24].encode() for ex in task.train]
     refreshed_by_round: dict[int, int] = {}
-    for name, raw, msg in _wire(refresh_run, "train", "up"):
+    for name, raw, msg in wire_messages(refresh_run, "train", "up"):
         for needle in forbidden:
             assert needle not in raw, f"{name} contains {needle!r}"
         rnd = int(name[:4])
@@ -114,7 +114,7 @@ def test_refresh_resends_only_masked_gradients_of_held_samples(refresh_run):
         refreshed_by_round[rnd] = refreshed_by_round.get(rnd, 0) + len(ids)
     assert refreshed_by_round == {2: len(task.train), 3: len(task.train)}
     # down: not the network, only the server's masked outputs for the samples it holds
-    for name, _, msg in _wire(refresh_run, "train", "down"):
+    for name, _, msg in wire_messages(refresh_run, "train", "down"):
         assert set(msg.content.keys()) == {"config", "held"}, name
         held = {k: v.numpy() for k, v in msg.content["held"].items()}
         if int(name[:4]) == 1:

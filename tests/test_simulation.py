@@ -20,6 +20,7 @@ from flower_pae.config import RunConfig
 from flower_pae.data import load_task, partition, resolve_stream
 from flower_pae.device.secret import SECRET_ENV, CohortSecret
 from flower_pae.wire import CONFIG, METRICS, UPLOAD, UPLOAD_KEYS_FP16
+from tests.run_contract import assert_run_directory, wire_messages
 
 STREAM = "pypi:bbc,pypi:rotten_tomatoes"
 
@@ -43,39 +44,15 @@ def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return out
 
 
-def _wire(run_dir: Path, phase: str, direction: str):
-    for path in sorted((run_dir / "wire").glob(f"*-{phase}-{direction}-*.pb")):
-        raw = path.read_bytes()
-        yield path.name, raw, message_from_proto(ProtoMessage.FromString(raw))
-
-
 def _tasks():
     return [load_task(s, seed=0, max_train=32, max_test=16) for s in resolve_stream(STREAM)]
 
 
 def test_run_directory_follows_the_contract(run_dir):
-    for name in ("messages.parquet", "metrics.parquet", "config.json", "summary.json"):
-        assert (run_dir / name).is_file(), name
-    messages = pd.read_parquet(run_dir / "messages.parquet")
-    assert set(messages.columns) >= {
-        "round",
-        "phase",
-        "node_id",
-        "direction",
-        "task_key",
-        "payload_bytes",
-        "num_samples",
-    }
-    assert set(messages["direction"]) == {"down", "up"}
-    assert set(messages["phase"]) == {"train", "evaluate"}
-    assert (messages["payload_bytes"] > 0).all()
+    assert_run_directory(run_dir, num_tasks=2, num_devices=4)
     # every message on the wire is one row: compare with the dumped messages
+    messages = pd.read_parquet(run_dir / "messages.parquet")
     assert len(messages) == len(list((run_dir / "wire").glob("*.pb")))
-    metrics = pd.read_parquet(run_dir / "metrics.parquet")
-    assert list(metrics.columns) == ["round", "task", "node_id", "metric", "value"]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert len(summary["task_keys"]) == 2
-    assert np.array(summary["accuracy_matrix"], dtype=float).shape == (2, 2)
     settings = json.loads((run_dir / "config.json").read_text())["settings"]
     assert settings["stream"] == STREAM and settings["num_devices"] == 4
     names = json.loads((run_dir / "tasks.json").read_text())
@@ -90,7 +67,7 @@ def test_device_uploads_carry_no_text_labels_logits_or_test_samples(run_dir):
     train_ids = {secret.sample_id(t.name, ex.text) for t in tasks for ex in t.train}
     test_ids = {secret.sample_id(t.name, ex.text) for t in tasks for ex in t.test}
     uploaded = 0
-    for name, raw, msg in _wire(run_dir, "train", "up"):
+    for name, raw, msg in wire_messages(run_dir, "train", "up"):
         for needle in forbidden:
             assert needle not in raw, f"{name} contains {needle!r}"
         assert set(msg.content.keys()) == {UPLOAD, CONFIG, METRICS}, name
@@ -119,7 +96,7 @@ def test_device_uploads_carry_no_text_labels_logits_or_test_samples(run_dir):
 
 def test_evaluation_replies_carry_only_counts(run_dir):
     pattern = re.compile(r"[0-9a-f]{16}/(upcoming_)?(correct|zero_shot_correct|total)")
-    replies = list(_wire(run_dir, "evaluate", "up"))
+    replies = list(wire_messages(run_dir, "evaluate", "up"))
     assert replies
     for name, _, msg in replies:
         assert set(msg.content.keys()) == {METRICS}, name
@@ -133,7 +110,7 @@ def test_masked_targets_are_not_clear_residuals(run_dir):
     import torch
 
     secret = CohortSecret.from_hex(os.environ[SECRET_ENV])
-    _, _, msg = next(_wire(run_dir, "train", "up"))
+    _, _, msg = next(wire_messages(run_dir, "train", "up"))
     targets = torch.from_numpy(msg.content[UPLOAD]["targets"].numpy()).double()
     q = secret.rotation(targets.shape[1])
     clear = targets @ q
@@ -149,7 +126,7 @@ def test_cached_samples_are_never_uploaded_again(run_dir):
     # rounds 1 and 3 open a task (all its samples come up), rounds 2 and 4 repeat it
     assert per_round[1] > 0 and per_round[3] > 0
     assert per_round[2] == 0 and per_round[4] == 0
-    for name, _, msg in _wire(run_dir, "train", "up"):
+    for name, _, msg in wire_messages(run_dir, "train", "up"):
         if name.startswith(("0002-", "0004-")):
             assert msg.content[UPLOAD]["acts"].numpy().size == 0, name
     summary = json.loads((run_dir / "summary.json").read_text())
