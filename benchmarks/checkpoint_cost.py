@@ -21,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 from flower_pae.config import RunConfig
-from flower_pae.wire import CONFIG, UPLOAD, array_record, ids_to_array
+from flower_pae.wire import BASIS, CONFIG, UPLOAD, array_record, ids_to_array
 from simulations.server_app import build_strategy
 
 
@@ -37,7 +37,11 @@ def replies(task: str, devices: int, per_device: int, layers: int, hidden: int) 
             "targets": rng.standard_normal((per_device, hidden)).astype(np.float32),
         }
         content = RecordDict(
-            {UPLOAD: array_record(arrays), CONFIG: ConfigRecord({"task_key": task})}
+            {
+                UPLOAD: array_record(arrays),
+                CONFIG: ConfigRecord({"task_key": task}),
+                BASIS: array_record({"basis": np.eye(hidden, dtype=np.float32)}),  # C = d
+            }
         )
         meta = Metadata(1, f"m{node}", node, 0, "q", "", 0.0, 60.0, "train")
         out.append(Message(content, metadata=meta))

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
@@ -39,7 +40,7 @@ from flower_pae.data import load_task, partition
 from flower_pae.device.difference import lift, mask, residual, unmask
 from flower_pae.device.shortcut import build_prompt, label_rows, pivot_features
 from flower_pae.device.store import ActivationStore
-from flower_pae.wire import CONFIG, UPLOAD, array_record, ids_to_array
+from flower_pae.wire import BASIS, CONFIG, UPLOAD, array_record, ids_to_array
 from simulations.server_app import build_strategy
 
 
@@ -105,7 +106,14 @@ def device_replies(
             "targets": mask(targets[shard], q).numpy(),
         }
         content = RecordDict(
-            {UPLOAD: array_record(arrays), CONFIG: ConfigRecord({"task_key": "0" * 16})}
+            {
+                UPLOAD: array_record(arrays),
+                CONFIG: ConfigRecord({"task_key": "0" * 16}),
+                # the targets as their d coordinates: the identity basis (C = d)
+                BASIS: array_record(
+                    {"basis": np.eye(arrays["targets"].shape[1], dtype=np.float32)}
+                ),
+            }
         )
         meta = Metadata(1, f"m{node}", node, 0, "q", "", 0.0, 60.0, "train")
         replies.append(Message(content, metadata=meta))

@@ -21,8 +21,12 @@ PRECISIONS = ("fp16", "int8")
 UPLOAD = "upload"  # ArrayRecord: a device's new samples
 UPLOAD_KEYS_FP16 = {"ids", "acts", "targets"}
 UPLOAD_KEYS_INT8 = {"ids", "acts", "scales", "targets"}
-HELD = "held"  # ArrayRecord: ids the server caches for the receiving node (+ "side": its
-# masked outputs for them, in the refresh phase)
+# Targets travel as coefficients (N, C) in the task's masked label basis (d, C), which a
+# device sends in a BASIS record with its new samples (flower_pae/device/difference.py).
+BASIS = "basis"  # ArrayRecord {"basis": float32 (d, C)}
+HELD = "held"  # ArrayRecord: ids the server caches for the receiving node; in the refresh
+# phase also "side_ids" (those of its current task) and "side" (its masked outputs for them,
+# as coefficients)
 REFRESH = "refresh"  # ArrayRecord: fresh masked differences of held samples (refresh phase)
 REFRESH_KEYS = {"ids", "targets"}
 SIDE_NET = "side_net"  # ArrayRecord: the side network's weights
@@ -49,6 +53,17 @@ def decode_activations(arrays: dict[str, np.ndarray]) -> torch.Tensor:
         scales = torch.from_numpy(np.ascontiguousarray(arrays["scales"])).float()
         return acts.float() * scales.unsqueeze(-1)
     return acts.float()
+
+
+def to_coefficients(vectors: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Coefficients (float32, (N, C)) of masked row vectors (N, d) in a task's basis (d, C)."""
+    return (np.asarray(vectors, np.float64) @ np.asarray(basis, np.float64)).astype(np.float32)
+
+
+def from_coefficients(coefficients: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Masked row vectors (float32, (N, d)) from coefficients (N, C) in the basis (d, C)."""
+    c, u = np.asarray(coefficients, np.float64), np.asarray(basis, np.float64)
+    return (c @ u.T).astype(np.float32)
 
 
 def ids_to_array(ids: list[bytes]) -> np.ndarray:

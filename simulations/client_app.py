@@ -19,6 +19,7 @@ from flower_pae.device.availability import drop_out
 from flower_pae.device.device import Device, peak_rss_mb
 from flower_pae.side_network import LadderSideNetwork
 from flower_pae.wire import (
+    BASIS,
     CONFIG,
     HELD,
     METRICS,
@@ -81,10 +82,12 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         device = _device(settings(context), context)
         server_round = int(msg.content[CONFIG]["round"])
         _availability(settings(context), context, server_round)
-        held_ids = array_to_ids(msg.content[HELD]["ids"].numpy())
+        held = msg.content[HELD]
+        held_ids = array_to_ids(held["ids"].numpy())
         held_side = None
-        if "side" in msg.content[HELD]:  # refresh phase: the server's outputs for held samples
-            held_side = dict(zip(held_ids, msg.content[HELD]["side"].numpy(), strict=True))
+        if "side" in held:  # refresh phase: the server's outputs for its current task's samples
+            side_ids = array_to_ids(held["side_ids"].numpy())
+            held_side = dict(zip(side_ids, held["side"].numpy(), strict=True))
         upload = device.upload(server_round, set(held_ids), held_side)
         log(
             INFO,
@@ -112,6 +115,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         )
         if upload.refresh is not None:
             content[REFRESH] = array_record(upload.refresh)
+        if upload.basis is not None:
+            content[BASIS] = array_record({"basis": upload.basis})
         return Message(content, reply_to=msg)
 
     @app.evaluate()

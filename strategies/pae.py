@@ -45,11 +45,13 @@ from flower_pae.server.validation import (
     decode_arrays,
     evaluation_counts,
     task_key_of,
+    validate_basis,
     validate_refresh,
     validate_upload,
 )
 from flower_pae.side_network import LadderSideNetwork, SideNetworkTrainer, TrainerConfig
 from flower_pae.wire import (
+    BASIS,
     CONFIG,
     HELD,
     METRICS,
@@ -57,8 +59,10 @@ from flower_pae.wire import (
     UPLOAD,
     array_record,
     array_to_ids,
+    from_coefficients,
     ids_to_array,
     side_network_records,
+    to_coefficients,
 )
 
 log = logging.getLogger("flower_pae")
@@ -78,9 +82,10 @@ class TrainReply:
     """A training reply that passed every check: what the server may take from it."""
 
     task_key: str
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray]  # targets decoded to masked vectors (N, d)
     shape: tuple[int, int] | None  # (layers, hidden) of its activations, None if empty
-    refresh: tuple[list[bytes], np.ndarray] | None  # refreshed (ids, masked gradients)
+    refresh: tuple[list[bytes], np.ndarray] | None  # refreshed (ids, masked gradients (N, d))
+    basis: np.ndarray | None = None  # the task's label basis it sent (d, C), if any
 
 
 class PAEStrategy(Strategy):
@@ -195,6 +200,7 @@ class PAEStrategy(Strategy):
         self.rng = random.Random(seed)
         self.tasks: dict[str, _TaskLog] = {}
         self.held: dict[int, set[bytes]] = defaultdict(set)
+        self.bases: dict[str, np.ndarray] = {}  # task key -> masked label basis (d, C)
         self.rejected: list[dict] = []
         self.expected_shape: tuple[int, int] | None = None
         self.accuracy: dict[int, dict[str, float]] = {}
@@ -226,10 +232,14 @@ class PAEStrategy(Strategy):
         for node in self.sample_nodes(grid, self.devices_per_round):
             held = sorted(self.held[node])
             record = {"ids": ids_to_array(held)}
-            if self.refresh_step and self.net is not None and held:
-                # the refresh phase: the server's own (masked) outputs for the samples it holds,
-                # all a device needs for their cross-entropy gradient; not the whole network
-                record["side"] = self.held_outputs(held)
+            current = self.net.current_task if self.net is not None else None
+            if self.refresh_step and current in self.bases:
+                # the refresh phase: the server's own (masked) outputs for the samples it holds
+                # of the task it trains, all a device needs for their cross-entropy gradient
+                # (not the whole network), as coefficients in the task's basis
+                side_ids = [i for i in held if self.cache.task_of(i) == current]
+                side = to_coefficients(self.held_outputs(side_ids), self.bases[current])
+                record.update(side_ids=ids_to_array(side_ids), side=side)
             content = RecordDict(
                 {
                     CONFIG: ConfigRecord({**config, "round": server_round}),
@@ -286,6 +296,8 @@ class PAEStrategy(Strategy):
             if self.net is None and accepted.shape is not None:
                 self._open_network(accepted.shape)
             task_key, arrays = accepted.task_key, accepted.arrays
+            if accepted.basis is not None:
+                self.bases.setdefault(task_key, accepted.basis)
             ids = array_to_ids(arrays["ids"])
             if self.net is None or (task_key not in self.tasks and not ids):
                 # nothing to learn from: a task key opens a subspace only with samples
@@ -373,24 +385,41 @@ class PAEStrategy(Strategy):
         check_record_size(content[UPLOAD], "upload", **caps)
         arrays = decode_arrays(content[UPLOAD], "upload")
         expected = self.expected_shape or expected
-        shape = validate_upload(arrays, task_key, expected, self.max_upload_samples)
+        known = self.bases.get(task_key)
+        sent = None
+        if BASIS in content:
+            check_record_size(content[BASIS], "basis record", **caps)
+            hidden = _hidden_size(arrays, expected)
+            if hidden is None:
+                raise UploadError("a basis record without activations that fix its size")
+            sent = validate_basis(decode_arrays(content[BASIS], "basis"), hidden, known)
+        basis = sent if sent is not None else known
+        width = None if basis is None else basis.shape[1]
+        shape = validate_upload(arrays, task_key, expected, self.max_upload_samples, width)
         if METRICS in content:
             check_device_metrics(content[METRICS])
         refresh = None
         if REFRESH in content:
-            if not self.refresh_step or shape is None:
+            if not self.refresh_step or shape is None or basis is None:
                 raise UploadError("refresh record sent outside the refresh phase")
             check_record_size(content[REFRESH], "refresh record", **caps)
             refreshed = decode_arrays(content[REFRESH], "refresh")
-            validate_refresh(refreshed, shape[1], self.max_upload_samples)
+            validate_refresh(refreshed, basis.shape[1], self.max_upload_samples)
             ids = array_to_ids(refreshed["ids"])
             held = self.held.get(reply.metadata.src_node_id, set())
             foreign = sum(i not in held or i not in self.cache for i in ids)
             if foreign:
                 raise UploadError(f"refresh for {foreign} sample(s) this device never uploaded")
-            refresh = (ids, refreshed["targets"])
+            if any(self.cache.task_of(i) != task_key for i in ids):
+                raise UploadError("refresh for samples of another task than the reply's")
+            refresh = (ids, from_coefficients(refreshed["targets"], basis))
         arrays_shape = (int(arrays["acts"].shape[1]), int(arrays["acts"].shape[2]))
-        return TrainReply(task_key, arrays, arrays_shape if len(arrays["ids"]) else None, refresh)
+        if basis is not None:
+            arrays["targets"] = from_coefficients(arrays["targets"], basis)
+        else:  # no samples (validate_upload): nothing to decode
+            arrays["targets"] = np.zeros((0, arrays_shape[1]), np.float32)
+        n = len(arrays["ids"])
+        return TrainReply(task_key, arrays, arrays_shape if n else None, refresh, sent)
 
     def _fresh_rows(self, ids: list[bytes]) -> list[int]:
         """Rows of an upload whose ids the cache does not hold yet (first occurrence)."""
@@ -685,6 +714,7 @@ class PAEStrategy(Strategy):
             "net_meta": self.net.meta() if self.net is not None else None,
             "tasks": [[t.key, t.first_round, t.last_round] for t in self.tasks.values()],
             "held": {str(node): sorted(i.hex() for i in ids) for node, ids in self.held.items()},
+            "bases": {key: basis.tolist() for key, basis in self.bases.items()},
             "rejected": self.rejected,
             "accuracy": _str_keys(self.accuracy),
             "upcoming": _str_keys(self.upcoming),
@@ -744,6 +774,7 @@ class PAEStrategy(Strategy):
         self.held = defaultdict(set)
         for node, ids in state["held"].items():
             self.held[int(node)] = {bytes.fromhex(i) for i in ids}
+        self.bases = {k: np.asarray(b, np.float32) for k, b in state["bases"].items()}
         self.rejected = list(state["rejected"])
         self.accuracy = _int_keys(state["accuracy"])
         self.upcoming = _int_keys(state["upcoming"])
@@ -818,6 +849,14 @@ class PAEStrategy(Strategy):
                 num_rounds, f"active_params/{row['layer']}", row["active_params"], task=row["task"]
             )
         return summary
+
+
+def _hidden_size(arrays: dict[str, np.ndarray], expected: tuple[int, int] | None) -> int | None:
+    """The hidden size an upload declares (its activations), else the one already fixed."""
+    acts = arrays.get("acts")
+    if acts is not None and acts.ndim == 3 and acts.shape[0] > 0:
+        return int(acts.shape[2])
+    return expected[1] if expected is not None else None
 
 
 def _str_keys(values: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:

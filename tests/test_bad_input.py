@@ -28,12 +28,14 @@ from flower_pae.runlog import RunRecorder
 from flower_pae.server.cache import ActivationCache
 from flower_pae.server.robust import clip_target_norms
 from flower_pae.side_network import LadderSideNetwork, TrainerConfig
-from flower_pae.wire import CONFIG, METRICS, REFRESH, UPLOAD, array_record, ids_to_array
+from flower_pae.wire import BASIS, CONFIG, METRICS, REFRESH, UPLOAD, array_record, ids_to_array
 from strategies.pae import PAEStrategy
 
 LAYERS, D = 2, 8
 TASK = "0123456789abcdef"
 MAX_SAMPLES, MAX_BYTES = 16, 64 * 1024
+# The task's label basis of these replies: the identity (D coefficients = the vectors).
+IDENTITY = np.eye(D, dtype=np.float32)
 
 
 # ---- building strategies and replies ------------------------------------------------------
@@ -84,6 +86,7 @@ def _train_reply(
     metrics: dict | None = None,
     phase: str = "train",
     extra: dict | None = None,
+    basis: np.ndarray | None = IDENTITY,
 ) -> Message:
     arrays = _arrays(node) if arrays is None else arrays
     content = RecordDict(
@@ -96,6 +99,8 @@ def _train_reply(
             ),
         }
     )
+    if basis is not None:
+        content[BASIS] = array_record({"basis": basis})
     for name, record in (extra or {}).items():
         content[name] = record
     return _message(node, content, phase)
@@ -135,6 +140,7 @@ def _snapshot(strategy: PAEStrategy) -> dict:
         "held": {n: set(ids) for n, ids in strategy.held.items() if ids},
         "shape": strategy.expected_shape,
         "accuracy": {r: dict(v) for r, v in strategy.accuracy.items()},
+        "bases": {k: v.tolist() for k, v in strategy.bases.items()},
     }
 
 
@@ -149,7 +155,7 @@ def _assert_same(a: dict, b: dict) -> None:
         assert a["net"].keys() == b["net"].keys()
         for name in a["net"]:
             assert torch.equal(a["net"][name], b["net"][name]), name
-    for name in ("cache_ids", "stats", "meta", "tasks", "held", "shape", "accuracy"):
+    for name in ("cache_ids", "stats", "meta", "tasks", "held", "shape", "accuracy", "bases"):
         assert a[name] == b[name], name
 
 
@@ -200,7 +206,31 @@ BAD_TRAIN_REPLIES = {
     ),
     "targets of another width": (
         lambda: _train_reply(9, _mutated(targets=lambda a: a["targets"][:, :5])),
-        "targets must be",
+        "targets have 5 coefficients, the basis 8",
+    ),
+    # the task's label basis
+    "a basis that is not orthonormal": (
+        lambda: _train_reply(9, basis=2 * IDENTITY),
+        "not orthonormal",
+    ),
+    "a basis of another hidden size": (
+        lambda: _train_reply(9, basis=np.eye(D + 1, D, dtype=np.float32)),
+        "basis must be float32",
+    ),
+    "a float64 basis": (lambda: _train_reply(9, basis=np.eye(D)), "basis must be float32"),
+    "a basis of one column": (
+        lambda: _train_reply(
+            9, _mutated(targets=lambda a: a["targets"][:, :1]), basis=IDENTITY[:, :1]
+        ),
+        "2 to 8 columns",
+    ),
+    "a basis unlike the one the task's devices sent first": (
+        lambda: _train_reply(9, basis=IDENTITY[::-1].copy()),
+        "differs from the one",
+    ),
+    "new samples of a new task without its basis": (
+        lambda: _train_reply(9, task_key="f" * 16, basis=None),
+        "need its basis record",
     ),
     "ids of 8 bytes": (
         lambda: _train_reply(9, _mutated(ids=lambda a: a["ids"][:, :8])),
@@ -570,3 +600,18 @@ def test_clipped_training_on_masked_targets_is_the_rotated_clear_training(tmp_pa
         expected = clear.net.eval()(acts)
     assert expected.abs().max() > 1e-3
     torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_refresh_of_another_tasks_samples_is_rejected(tmp_path):
+    strategy = _strategy(tmp_path, refresh_step=4.0)
+    strategy.aggregate_train(1, [_train_reply(1)])
+    targets = strategy.cache.training_data(TASK)[1].clone()
+    record = {"ids": ids_to_array(_ids(1, 2)), "targets": np.ones((2, D), np.float32)}
+    other = "f" * 16
+    reply = _train_reply(
+        1, _arrays(1, n=2, start=10), task_key=other, extra={REFRESH: array_record(record)}
+    )
+    strategy.aggregate_train(2, [reply])
+    assert "another task" in strategy.rejected[-1]["reason"]
+    assert torch.equal(strategy.cache.training_data(TASK)[1], targets)
+    assert other not in strategy.tasks and other not in strategy.bases

@@ -16,6 +16,7 @@ from flower_pae.config import ConfigError, RunConfig
 from flower_pae.data import load_task, resolve_stream
 from flower_pae.device.availability import DeviceUnavailable, drop_out, is_available
 from flower_pae.wire import (
+    BASIS,
     CONFIG,
     HELD,
     METRICS,
@@ -202,6 +203,8 @@ class _FakeGrid:
                 UPLOAD: array_record(upload),
                 CONFIG: ConfigRecord({"task_key": "k"}),
                 METRICS: MetricRecord({"num-examples": len(new), "forward_seconds": 0.5}),
+                # the task's label basis: the identity (8 coefficients = the vectors)
+                BASIS: array_record({"basis": np.eye(8, dtype=np.float32)}),
             }
         )
         return Message(content, reply_to=msg)

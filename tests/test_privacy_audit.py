@@ -174,7 +174,7 @@ def test_server_view_is_exactly_the_cache(run_dir):
     from flwr.proto.message_pb2 import Message as ProtoMessage
 
     from flower_pae.server.cache import ActivationCache
-    from flower_pae.wire import CONFIG, UPLOAD
+    from flower_pae.wire import BASIS, CONFIG, UPLOAD, from_coefficients
 
     view = load_server_view(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -184,13 +184,20 @@ def test_server_view_is_exactly_the_cache(run_dir):
     assert {k: t.num_samples for k, t in view.tasks.items()} == (
         up.groupby("task_key")["num_samples"].sum().to_dict()
     )
-    # the server's own cache, fed the same uploads, holds the same arrays
+    # the server's own cache, fed the same uploads (targets decoded from the task's basis as
+    # the strategy decodes them), holds the same arrays
     cache = ActivationCache(spill_dir=run_dir / "spill-test")
     dumps = sorted((run_dir / "wire").glob("*-train-up-*.pb"), key=lambda p: p.stem[-6:])
+    bases = {}
     for path in dumps:
         msg = message_from_proto(ProtoMessage.FromString(path.read_bytes()))
+        key = str(msg.content[CONFIG]["task_key"])
+        if BASIS in msg.content:
+            bases.setdefault(key, msg.content[BASIS]["basis"].numpy())
         arrays = {k: v.numpy() for k, v in msg.content[UPLOAD].items()}
-        cache.add(str(msg.content[CONFIG]["task_key"]), arrays)
+        if len(arrays["ids"]):
+            arrays["targets"] = from_coefficients(arrays["targets"], bases[key])
+            cache.add(key, arrays)
     for key, tv in view.tasks.items():
         acts, targets = cache.training_data(key)
         assert np.array_equal(tv.acts, acts.numpy())

@@ -19,7 +19,7 @@ from flower_pae.device.difference import gradient_difference, mask, unmask
 from flower_pae.device.secret import SECRET_ENV, CohortSecret
 from flower_pae.oa_adapter import OAAdapterConfig
 from flower_pae.side_network import LadderSideNetwork, SideNetworkTrainer, TrainerConfig
-from flower_pae.wire import CONFIG, METRICS, REFRESH, REFRESH_KEYS, UPLOAD
+from flower_pae.wire import BASIS, CONFIG, METRICS, REFRESH, REFRESH_KEYS, UPLOAD
 from tests.run_contract import wire_messages
 
 
@@ -100,15 +100,17 @@ def test_refresh_resends_only_masked_gradients_of_held_samples(refresh_run):
         for needle in forbidden:
             assert needle not in raw, f"{name} contains {needle!r}"
         rnd = int(name[:4])
-        if rnd == 1:  # nothing held yet: first uploads only
-            assert set(msg.content.keys()) == {UPLOAD, CONFIG, METRICS}, name
+        if rnd == 1:  # nothing held yet: first uploads (and the task's basis) only
+            assert set(msg.content.keys()) == {UPLOAD, CONFIG, METRICS, BASIS}, name
             continue
-        # later rounds: no activations again, only d-dimensional masked gradients
+        # later rounds: no activations or basis again, only the masked gradients' C
+        # coefficients in the task's basis
         assert set(msg.content.keys()) == {UPLOAD, CONFIG, METRICS, REFRESH}, name
         assert msg.content[UPLOAD]["acts"].numpy().size == 0, name
         refresh = {k: v.numpy() for k, v in msg.content[REFRESH].items()}
         assert set(refresh) == REFRESH_KEYS
-        assert refresh["targets"].dtype == np.float32 and refresh["targets"].shape[1] > 4
+        assert refresh["targets"].dtype == np.float32
+        assert refresh["targets"].shape[1] == len(task.labels)
         ids = {row.tobytes() for row in refresh["ids"]}
         assert ids <= train_ids
         refreshed_by_round[rnd] = refreshed_by_round.get(rnd, 0) + len(ids)
@@ -120,8 +122,9 @@ def test_refresh_resends_only_masked_gradients_of_held_samples(refresh_run):
         if int(name[:4]) == 1:
             assert set(held) == {"ids"} and held["ids"].shape[0] == 0
         else:
-            assert set(held) == {"ids", "side"}
-            assert held["side"].shape == (held["ids"].shape[0], refresh["targets"].shape[1])
+            assert set(held) == {"ids", "side_ids", "side"}
+            np.testing.assert_array_equal(held["side_ids"], held["ids"])  # one task: all held
+            assert held["side"].shape == (held["ids"].shape[0], len(task.labels))
             assert held["side"].dtype == np.float32 and np.abs(held["side"]).max() > 0
 
 
@@ -184,6 +187,8 @@ def _reply(node: int, ids: list[bytes], acts: int, refresh: dict | None, values=
             CONFIG: ConfigRecord({"task_key": "0123456789abcdef"}),
         }
     )
+    if acts:  # the task's label basis, with new samples: here the identity (C = d)
+        content[BASIS] = array_record({"basis": np.eye(d, dtype=np.float32)})
     if refresh is not None:
         content[REFRESH] = array_record(refresh)
     # a reply as the server's grid hands it over: from ``node``
@@ -249,3 +254,39 @@ def test_a_new_sample_steps_only_where_the_output_is_zero(tmp_path):
 def strategy_targets(strategy) -> np.ndarray:
     _, targets, _ = strategy.training_data("0123456789abcdef")
     return targets.numpy()
+
+
+def test_coefficients_in_the_label_basis_are_exact():
+    """Targets and side outputs cross the wire as C coefficients in ``U = Q·orth(W_tᵀ)·P``:
+    targets are rebuilt exactly, and a side output's coefficients give the same logits
+    ``W_t·Qᵀ·s̃`` as the whole vector (its part off the span never reaches a prediction)."""
+    from flower_pae.device.difference import label_basis, lift, residual
+    from flower_pae.wire import from_coefficients, to_coefficients
+
+    gen = torch.Generator().manual_seed(0)
+    d, c, n = 32, 5, 7
+    rows = torch.randn(c, d, generator=gen, dtype=torch.float64)
+    secret = CohortSecret(b"k" * 32)
+    q = secret.rotation(d)
+    basis = label_basis(rows, q, secret.rotation(c, "task"))
+    np.testing.assert_allclose((basis.T @ basis).numpy(), np.eye(c), atol=1e-12)
+    logits = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    side = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    for target in (
+        lift(rows, residual(logits, labels)),
+        gradient_difference(logits, rows, labels, side),
+    ):
+        masked = target @ q.T
+        coefficients = to_coefficients(masked.numpy(), basis.numpy())
+        assert coefficients.shape == (n, c)
+        rebuilt = from_coefficients(coefficients, basis.numpy())
+        np.testing.assert_allclose(rebuilt, masked.numpy(), rtol=1e-5, atol=1e-6)
+    masked_side = side @ q.T
+    projected = from_coefficients(to_coefficients(masked_side.numpy(), basis.numpy()), basis)
+    through_rows = torch.from_numpy(projected).double() @ q @ rows.T
+    torch.testing.assert_close(through_rows, masked_side @ q @ rows.T, rtol=1e-5, atol=1e-5)
+    # the gauge P is secret: another task name gives another basis of the same span
+    other = label_basis(rows, q, secret.rotation(c, "another task"))
+    assert not torch.allclose(other, basis, atol=1e-3)
+    torch.testing.assert_close(other @ other.T, basis @ basis.T)

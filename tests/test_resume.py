@@ -22,7 +22,7 @@ from flower_pae.runlog import RunRecorder
 from flower_pae.server.cache import ActivationCache
 from flower_pae.server.checkpoint import CheckpointError, load_state
 from flower_pae.side_network import LadderSideNetwork, TrainerConfig
-from flower_pae.wire import CONFIG, METRICS, REFRESH, UPLOAD, array_record, ids_to_array
+from flower_pae.wire import BASIS, CONFIG, METRICS, REFRESH, UPLOAD, array_record, ids_to_array
 from strategies.pae import PAEStrategy
 
 LAYERS, D = 2, 8
@@ -76,6 +76,8 @@ def _reply(node: int, server_round: int, held: set[bytes], refresh_step: float) 
             ),
             CONFIG: ConfigRecord({"task_key": TASKS[task]}),
             METRICS: MetricRecord({"num-examples": len(new), "forward_seconds": 0.1}),
+            # the task's label basis: the identity (D coefficients = the vectors)
+            BASIS: array_record({"basis": np.eye(D, dtype=np.float32)}),
         }
     )
     old = [i for i, sample_id in enumerate(ids) if sample_id in held]

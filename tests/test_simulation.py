@@ -19,7 +19,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 from flower_pae.config import RunConfig
 from flower_pae.data import load_task, partition, resolve_stream
 from flower_pae.device.secret import SECRET_ENV, CohortSecret
-from flower_pae.wire import CONFIG, METRICS, UPLOAD, UPLOAD_KEYS_FP16
+from flower_pae.wire import BASIS, CONFIG, METRICS, UPLOAD, UPLOAD_KEYS_FP16
 from tests.run_contract import assert_run_directory, wire_messages
 
 STREAM = "pypi:bbc,pypi:rotten_tomatoes"
@@ -70,16 +70,20 @@ def test_device_uploads_carry_no_text_labels_logits_or_test_samples(run_dir):
     for name, raw, msg in wire_messages(run_dir, "train", "up"):
         for needle in forbidden:
             assert needle not in raw, f"{name} contains {needle!r}"
-        assert set(msg.content.keys()) == {UPLOAD, CONFIG, METRICS}, name
         upload = {k: v.numpy() for k, v in msg.content[UPLOAD].items()}
         assert set(upload) == UPLOAD_KEYS_FP16
         n = upload["ids"].shape[0]
+        # the task's masked label basis comes with new samples only
+        records = {UPLOAD, CONFIG, METRICS} | ({BASIS} if n else set())
+        assert set(msg.content.keys()) == records, name
         assert upload["ids"].dtype == np.uint8 and upload["ids"].shape == (n, 16)
         assert upload["acts"].dtype == np.float16 and upload["acts"].ndim == 3
-        # the only per-sample target is a d-dimensional masked vector: no label index,
-        # no C-dimensional logits or residuals
-        assert upload["targets"].dtype == np.float32
-        assert upload["targets"].shape == (n, upload["acts"].shape[2])
+        # the only per-sample target: coefficients of a masked vector in that basis (no
+        # label index; test_masked_targets_are_not_clear_residuals checks they are no residual)
+        assert upload["targets"].dtype == np.float32 and upload["targets"].shape[0] == n
+        if n:
+            basis = msg.content[BASIS]["basis"].numpy()
+            assert basis.shape == (upload["acts"].shape[2], upload["targets"].shape[1])
         ids = {row.tobytes() for row in upload["ids"]}
         assert ids <= train_ids and not ids & test_ids, name
         uploaded += n
@@ -106,17 +110,46 @@ def test_evaluation_replies_carry_only_counts(run_dir):
 
 
 def test_masked_targets_are_not_clear_residuals(run_dir):
-    """The targets the server sees are rotated: decoding needs the devices' secret Q."""
+    """The targets the server sees are rotated: decoding needs the devices' secret Q.
+
+    On the wire they are C coefficients in the task's masked label basis ``U``; the server's
+    vectors ``U·c`` are the device's masked lifted residuals ``Q·pinv(W_t)·r``, exactly.
+    """
     import torch
 
+    from flower_pae.backbone import load_backbone
+    from flower_pae.device.device import Device
+    from flower_pae.device.difference import lift, mask, residual
+
     secret = CohortSecret.from_hex(os.environ[SECRET_ENV])
-    _, _, msg = next(wire_messages(run_dir, "train", "up"))
-    targets = torch.from_numpy(msg.content[UPLOAD]["targets"].numpy()).double()
+    name, _, msg = next(wire_messages(run_dir, "train", "up"))
+    coefficients = msg.content[UPLOAD]["targets"].numpy()
+    basis = msg.content[BASIS]["basis"].numpy().astype(np.float64)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-5)
+    targets = torch.from_numpy(coefficients @ basis.T)
     q = secret.rotation(targets.shape[1])
     clear = targets @ q
     assert not torch.allclose(clear, targets, atol=1e-3)
     # the rotation preserves norms, so nothing is lost for training
     assert torch.allclose(clear.norm(dim=1), targets.norm(dim=1), rtol=1e-5)
+    # the decoded vectors are exactly what the device computed (up to float32)
+    settings = json.loads((run_dir / "config.json").read_text())["settings"]
+    device = Device(RunConfig.from_dict(settings), 0, secret)
+    task = device.task(0)
+    backbone = load_backbone(settings["model"])
+    ids = [row.tobytes() for row in msg.content[UPLOAD]["ids"].numpy()]
+    by_id = {secret.sample_id(task.name, ex.text): ex for ex in task.train}
+    examples = [by_id[i] for i in ids]
+    feats = device.features(task, [ex.text for ex in examples])
+    labels = torch.tensor([ex.label for ex in examples])
+    expected = mask(lift(feats.rows, residual(feats.logits, labels)), q)
+    assert backbone.hidden_size == targets.shape[1]
+    torch.testing.assert_close(targets.float(), expected, atol=1e-5, rtol=1e-4)
+    # and C coefficients are neither the residuals nor the label logits themselves
+    assert coefficients.shape[1] == len(task.labels)
+    r = residual(feats.logits, labels).numpy()
+    assert not np.allclose(coefficients, r, atol=1e-2), name
+    assert not np.allclose(coefficients, feats.logits.numpy(), atol=1e-2), name
 
 
 def test_cached_samples_are_never_uploaded_again(run_dir):

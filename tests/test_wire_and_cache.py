@@ -83,9 +83,9 @@ def test_bad_uploads_are_rejected_with_a_reason(mutate, needle):
     arrays = _upload(4)
     mutate(arrays)
     with pytest.raises(UploadError, match=needle):
-        validate_upload(arrays, "abcd", None)
+        validate_upload(arrays, "abcd", None, width=8)
 
 
 def test_upload_shape_must_match_earlier_uploads():
     with pytest.raises(UploadError, match="expected"):
-        validate_upload(_upload(2, layers=4), "abcd", (3, 8))
+        validate_upload(_upload(2, layers=4), "abcd", (3, 8), width=8)

@@ -21,8 +21,8 @@ from flower_pae.device.cost import forward_flops, matmul_params
 from flower_pae.device.difference import (
     additive_prediction,
     gradient_difference,
+    label_basis,
     lift,
-    mask,
     residual,
     unmask,
 )
@@ -30,7 +30,7 @@ from flower_pae.device.noise import add_target_noise
 from flower_pae.device.secret import CohortSecret
 from flower_pae.device.shortcut import build_prompt, label_rows, pivot_features
 from flower_pae.device.store import ActivationStore
-from flower_pae.wire import encode_activations, ids_to_array
+from flower_pae.wire import encode_activations, from_coefficients, ids_to_array, to_coefficients
 
 
 @dataclass
@@ -48,10 +48,11 @@ class Upload:
     """What a device sends for its new training samples (all of it crosses the wire)."""
 
     task_key: str
-    arrays: dict[str, np.ndarray]  # ids, acts (+ scales), targets
+    arrays: dict[str, np.ndarray]  # ids, acts (+ scales), targets (coefficients, (N, C))
     forward_seconds: float
     refresh: dict[str, np.ndarray] | None = None  # ids, targets of samples the server holds
     flops: float = 0.0  # estimated FLOPs of the new samples' forward (2·P·tokens)
+    basis: np.ndarray | None = None  # the task's masked label basis (d, C), with new samples
 
     @property
     def num_samples(self) -> int:
@@ -183,14 +184,27 @@ class Device:
         """Where the side output is added: probabilities (one-shot) or logits (refresh)."""
         return "logit" if self.cfg.refresh_step > 0 else "prob"
 
+    def label_basis(self, task: Task) -> torch.Tensor:
+        """The task's masked label basis ``U_t`` (d, C) float64, the same on every device."""
+        rows = label_rows(self.backbone, task.labels)
+        q = self.secret.rotation(self.backbone.hidden_size)
+        return label_basis(rows, q, self.secret.rotation(len(task.labels), task.name))
+
     def _differences(
-        self, feats: Features, labels: torch.Tensor, side: torch.Tensor | None, first_id: bytes
+        self,
+        feats: Features,
+        labels: torch.Tensor,
+        side: torch.Tensor | None,
+        first_id: bytes,
+        basis: torch.Tensor,
     ) -> np.ndarray:
-        """Masked prediction differences of a batch, as the configured protocol defines them.
+        """Masked prediction differences of a batch, as coefficients in the task's basis.
 
         One-shot: ``pinv(W_t)·(onehot(y) − softmax(z))``. Refresh: the cross-entropy gradient
         ``W_tᵀ·(onehot(y) − softmax(z + W_t·s))`` against the server's decoded output ``s``
-        for each sample (zero for a sample the server has no output for yet).
+        for each sample (zero for a sample the server has no output for yet). Target noise
+        is drawn in all d dimensions; only its part in the label span is sent (the rest
+        never reaches a prediction).
         """
         q = self.secret.rotation(self.backbone.hidden_size)
         if self.space == "prob":
@@ -202,7 +216,7 @@ class Device:
         target = add_target_noise(
             target, self.cfg.target_noise, self.secret.sample_id("noise", first_id.hex())
         )
-        return mask(target, q).numpy()
+        return to_coefficients((target.double() @ q.T).numpy(), basis.numpy())
 
     def upload(
         self,
@@ -213,7 +227,8 @@ class Device:
         """Forward the samples the server does not hold yet and build their masked targets.
 
         With ``refresh_step > 0`` the server sends ``held_side``, its masked outputs for the
-        samples it holds; those samples get fresh differences against them
+        samples it holds of its current task (as coefficients in the task's label basis);
+        those samples get fresh differences against them
         (``Upload.refresh``), with their pivot states from the device's store and no new
         forward pass.
         """
@@ -225,31 +240,36 @@ class Device:
         if self.cfg.samples_per_round:
             new = new[: self.cfg.samples_per_round]
         d = self.backbone.hidden_size
+        basis = self.label_basis(task)
         refresh = None
         if self.space == "logit" and held_side:
             old = [(i, ex) for i, ex in zip(ids, examples, strict=True) if i in held_side]
             if old:
                 feats = self.features(task, [ex.text for _, ex in old])
                 labels = torch.tensor([ex.label for _, ex in old])
-                masked = torch.from_numpy(np.stack([held_side[i] for i, _ in old]))
+                coefficients = np.stack([held_side[i] for i, _ in old])
+                masked = torch.from_numpy(from_coefficients(coefficients, basis.numpy()))
                 side = unmask(masked, self.secret.rotation(d))
                 refresh = {
                     "ids": ids_to_array([i for i, _ in old]),
-                    "targets": self._differences(feats, labels, side, old[0][0]),
+                    "targets": self._differences(feats, labels, side, old[0][0], basis),
                 }
         if not new:
             arrays = encode_activations(torch.zeros(0, len(self.layers), d), self.cfg.precision)
-            arrays.update(ids=ids_to_array([]), targets=np.zeros((0, d), np.float32))
+            width = len(task.labels)
+            arrays.update(ids=ids_to_array([]), targets=np.zeros((0, width), np.float32))
             return Upload(self.task_key(index), arrays, 0.0, refresh)
         feats = self.features(task, [ex.text for _, ex in new])
         labels = torch.tensor([ex.label for _, ex in new])
         arrays = encode_activations(feats.acts, self.cfg.precision)
         arrays.update(
             ids=ids_to_array([i for i, _ in new]),
-            targets=self._differences(feats, labels, None, new[0][0]),
+            targets=self._differences(feats, labels, None, new[0][0], basis),
         )
         flops = self.forward_flops(task, [ex.text for _, ex in new])
-        return Upload(self.task_key(index), arrays, feats.seconds, refresh, flops)
+        upload = Upload(self.task_key(index), arrays, feats.seconds, refresh, flops)
+        upload.basis = basis.float().numpy()
+        return upload
 
     def forward_flops(self, task: Task, texts: list[str]) -> float:
         """FLOPs estimate of the backbone forward over ``texts``' prompts (padding excluded)."""

@@ -3,6 +3,14 @@
 The server never sees a label: it sees ``Q·t``, where ``t = pinv(W_t)·(onehot(y) −
 softmax(z))`` lifts the residual the side network must add into the backbone's hidden space,
 and ``Q`` is the cohort's secret rotation.
+
+Every such difference lies in the C-dimensional span of ``Q·W_tᵀ`` (C labels), and so does
+all of the side output a device's prediction reads (``W_t·Qᵀ`` is zero on its complement).
+Both therefore cross the wire as C coefficients in the task's *masked label basis*
+``U_t = Q·orth(W_tᵀ)·P_t`` (``P_t``: a secret rotation of the C coordinates), sent once with a
+task's first upload: exact, and d/C times smaller (576/4 on AG News). Given the differences
+the server could compute such a basis itself, up to a rotation of it; ``P_t`` makes the sent
+one a uniformly random choice among those, so the basis adds nothing to what it learns.
 """
 
 from __future__ import annotations
@@ -24,6 +32,22 @@ def lift(rows: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 def mask(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Rotate hidden-space targets by the secret ``Q`` (row vectors: ``t·Qᵀ``)."""
     return (t.double() @ q.T).float()
+
+
+def label_basis(rows: torch.Tensor, q: torch.Tensor, gauge: torch.Tensor) -> torch.Tensor:
+    """The task's masked label basis ``U_t = Q·orth(W_tᵀ)·P_t``, (d, C) float64, orthonormal.
+
+    Parameters
+    ----------
+    rows : torch.Tensor
+        The label rows ``W_t``, (C, d).
+    q : torch.Tensor
+        The secret mask ``Q``, (d, d).
+    gauge : torch.Tensor
+        A secret rotation ``P_t`` of the C coordinates, (C, C).
+    """
+    frame, _ = torch.linalg.qr(rows.double().T)
+    return q.double() @ frame @ gauge.double()
 
 
 def unmask(s_masked: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

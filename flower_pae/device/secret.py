@@ -29,7 +29,7 @@ class CohortSecret:
         if len(key) < 16:
             raise ValueError("the cohort secret must have at least 16 bytes")
         self._key = key
-        self._rotations: dict[int, torch.Tensor] = {}
+        self._rotations: dict[tuple[int, str], torch.Tensor] = {}
 
     @classmethod
     def from_hex(cls, text: str) -> CohortSecret:
@@ -78,15 +78,20 @@ class CohortSecret:
         """Opaque key that announces a task to the server."""
         return self._mac("task", task)[:8].hex()
 
-    def rotation(self, dim: int) -> torch.Tensor:
-        """A secret, uniformly random orthogonal matrix Q (dim × dim), float64."""
-        if dim not in self._rotations:
-            seed = int.from_bytes(self._mac("rotation", str(dim))[:8], "little")
+    def rotation(self, dim: int, name: str = "") -> torch.Tensor:
+        """A secret, uniformly random orthogonal matrix (dim × dim), float64.
+
+        ``name=""`` is the mask ``Q``; a task's name gives the gauge of its label basis.
+        """
+        key = (dim, name)
+        if key not in self._rotations:
+            parts = ("rotation", str(dim), name) if name else ("rotation", str(dim))
+            seed = int.from_bytes(self._mac(*parts)[:8], "little")
             gen = torch.Generator().manual_seed(seed)
             gauss = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
             q, r = torch.linalg.qr(gauss)
-            self._rotations[dim] = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-        return self._rotations[dim]
+            self._rotations[key] = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+        return self._rotations[key]
 
 
 @functools.lru_cache(maxsize=8)

@@ -23,8 +23,17 @@ import numpy as np
 from flwr.common.serde import message_from_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from flower_pae.server.validation import UploadError, validate_upload
-from flower_pae.wire import CONFIG, METRICS, REFRESH, UPLOAD, array_to_ids, decode_activations
+from flower_pae.server.validation import UploadError, validate_basis, validate_upload
+from flower_pae.wire import (
+    BASIS,
+    CONFIG,
+    METRICS,
+    REFRESH,
+    UPLOAD,
+    array_to_ids,
+    decode_activations,
+    from_coefficients,
+)
 
 WIRE_NAME = re.compile(r"(\d+)-(\w+)-(up|down)-(\d+)-(\d+)\.pb")
 
@@ -99,6 +108,7 @@ def load_server_view(run_dir: str | Path) -> ServerView:
         )
     parts: dict[str, list[dict[str, np.ndarray]]] = {}
     held: set[bytes] = set()
+    bases: dict[str, np.ndarray] = {}  # task key -> the label basis its devices sent
     expected: tuple[int, int] | None = None
     messages, rejected = [], []
     evaluation: dict[str, dict[str, float]] = {}
@@ -138,7 +148,12 @@ def load_server_view(run_dir: str | Path) -> ServerView:
                 raise UploadError("reply has no upload record")
             key = str(msg.content[CONFIG].get("task_key", ""))
             arrays = {k: v.numpy() for k, v in msg.content[UPLOAD].items()}
-            shape = validate_upload(arrays, key, expected)
+            if BASIS in msg.content:
+                sent = {k: v.numpy() for k, v in msg.content[BASIS].items()}
+                hidden = int(arrays["acts"].shape[-1])
+                bases.setdefault(key, validate_basis(sent, hidden, bases.get(key)))
+            width = bases[key].shape[1] if key in bases else None
+            shape = validate_upload(arrays, key, expected, width=width)
         except UploadError as err:
             rejected.append(f"{path.name}: {err}")
             continue
@@ -159,7 +174,7 @@ def load_server_view(run_dir: str | Path) -> ServerView:
                 {
                     "ids": arrays["ids"][keep],
                     "acts": decode_activations({k: v[keep] for k, v in arrays.items()}).numpy(),
-                    "targets": np.asarray(arrays["targets"][keep], np.float32),
+                    "targets": from_coefficients(arrays["targets"][keep], bases[key]),
                     "nodes": np.full(n, node, dtype=np.uint64),
                     "rounds": np.full(n, rnd, dtype=np.int64),
                 }

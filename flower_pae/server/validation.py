@@ -5,8 +5,9 @@ records (``PAEStrategy.rejected``, the ``rejected_uploads`` metric). A rejected 
 nothing on the server; the round goes on with the others.
 
 A training reply carries exactly the records ``upload`` (ids, activations, int8 scales,
-masked targets), ``config`` (the opaque task key), ``metrics`` (device figures) and, in the
-refresh phase, ``refresh``; an evaluation reply carries only ``metrics`` with integer counts
+masked targets as coefficients in the task's label basis), ``config`` (the opaque task key),
+``metrics`` (device figures), ``basis`` (the task's masked label basis, with new samples) and,
+in the refresh phase, ``refresh``; an evaluation reply carries only ``metrics`` with integer counts
 ``<task key>/[upcoming_]correct|zero_shot_correct|total``.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flower_pae.wire import (
+    BASIS,
     CONFIG,
     ID_BYTES,
     METRICS,
@@ -34,15 +36,17 @@ MAX_SAMPLES_PER_UPLOAD = 100_000
 MAX_UPLOAD_BYTES = 512 * 2**20  # Flower's gRPC transport caps a message at 512 MiB
 MAX_TASK_KEY_CHARS = 64
 MAX_COUNT = 10**9  # evaluation counts above this are not a device's test set
+BASIS_TOLERANCE = 1e-4  # orthonormality, and agreement with the task's first basis
 
 # What each phase's reply may hold, and the record type of each name.
 RECORD_TYPES: dict[str, type] = {
     UPLOAD: ArrayRecord,
     REFRESH: ArrayRecord,
+    BASIS: ArrayRecord,
     CONFIG: ConfigRecord,
     METRICS: MetricRecord,
 }
-TRAIN_RECORDS = {UPLOAD, CONFIG, METRICS, REFRESH}
+TRAIN_RECORDS = {UPLOAD, CONFIG, METRICS, REFRESH, BASIS}
 EVALUATE_RECORDS = {METRICS}
 # Device figures of a training reply that the server reads (and records).
 DEVICE_METRICS = ("num-examples", "forward_seconds", "peak_rss_mb", "flops")
@@ -119,13 +123,42 @@ def check_device_metrics(metrics: MetricRecord, names: tuple[str, ...] = DEVICE_
 
 
 # ---- training uploads ------------------------------------------------------------------------
+def validate_basis(
+    arrays: dict[str, np.ndarray], hidden: int, known: np.ndarray | None
+) -> np.ndarray:
+    """Check a task's masked label basis: float32 ``(d, C)``, ``2 <= C <= d``, orthonormal
+    columns, and equal to the basis the task's devices sent first (``known``), if any."""
+    if set(arrays) != {"basis"}:
+        raise UploadError(f"unexpected basis record keys {sorted(arrays)}")
+    basis = arrays["basis"]
+    if basis.dtype != np.float32 or basis.ndim != 2 or basis.shape[0] != hidden:
+        raise UploadError(f"basis must be float32 ({hidden}, C), got {basis.dtype} {basis.shape}")
+    if not 2 <= basis.shape[1] <= hidden:
+        raise UploadError(f"basis needs 2 to {hidden} columns (labels), got {basis.shape[1]}")
+    if not np.isfinite(basis).all():
+        raise UploadError("NaN or Inf in the basis")
+    gram = basis.astype(np.float64).T @ basis.astype(np.float64)
+    if np.abs(gram - np.eye(basis.shape[1])).max() > BASIS_TOLERANCE:
+        raise UploadError("basis columns are not orthonormal")
+    if known is not None and (
+        known.shape != basis.shape or np.abs(known - basis).max() > BASIS_TOLERANCE
+    ):
+        raise UploadError("basis differs from the one this task's devices sent first")
+    return basis
+
+
 def validate_upload(
     arrays: dict[str, np.ndarray],
     task_key: str,
     expected: tuple[int, int] | None,
     max_samples: int = MAX_SAMPLES_PER_UPLOAD,
+    width: int | None = None,
 ) -> tuple[int, int] | None:
-    """Check keys, shapes, dtypes and finiteness; return the (layers, hidden) shape seen."""
+    """Check keys, shapes, dtypes and finiteness; return the (layers, hidden) shape seen.
+
+    ``width`` is the number of target coefficients (the task basis' columns); ``None``, when
+    no basis is known for the task, admits only an upload without samples.
+    """
     keys = set(arrays)
     if keys not in (UPLOAD_KEYS_FP16, UPLOAD_KEYS_INT8):
         raise UploadError(f"unexpected record keys {sorted(keys)}")
@@ -148,10 +181,14 @@ def validate_upload(
         raise UploadError(f"activations need at least one layer and dimension, got {shape}")
     if expected is not None and shape != expected:
         raise UploadError(f"activation shape {shape} differs from the expected {expected}")
-    if targets.dtype != np.float32 or targets.shape != (n, shape[1]):
+    if width is None and n:
+        raise UploadError("new samples of a task need its basis record (none sent or known)")
+    if targets.dtype != np.float32 or targets.ndim != 2 or targets.shape[0] != n:
         raise UploadError(
-            f"targets must be float32 (N={n}, {shape[1]}), got {targets.dtype} {targets.shape}"
+            f"targets must be float32 (N={n}, C), got {targets.dtype} {targets.shape}"
         )
+    if width is not None and targets.shape[1] != width:
+        raise UploadError(f"targets have {targets.shape[1]} coefficients, the basis {width}")
     finite = [np.isfinite(targets).all(), np.isfinite(acts.astype(np.float32)).all()]
     if "scales" in arrays:
         scales = arrays["scales"]
@@ -168,9 +205,10 @@ def validate_upload(
 
 
 def validate_refresh(
-    arrays: dict[str, np.ndarray], hidden: int, max_samples: int = MAX_SAMPLES_PER_UPLOAD
+    arrays: dict[str, np.ndarray], width: int, max_samples: int = MAX_SAMPLES_PER_UPLOAD
 ) -> None:
-    """Check a refresh record: distinct ids ``uint8 (N, 16)``, finite float32 targets ``(N, d)``."""
+    """Check a refresh record: distinct ids ``uint8 (N, 16)``, finite float32 targets ``(N, C)``
+    (``C = width``, the coefficients of the task's basis)."""
     if set(arrays) != REFRESH_KEYS:
         raise UploadError(f"unexpected refresh record keys {sorted(arrays)}")
     ids, targets = arrays["ids"], arrays["targets"]
@@ -178,9 +216,9 @@ def validate_refresh(
         raise UploadError(f"refresh ids must be uint8 (N, {ID_BYTES}), got {ids.dtype} {ids.shape}")
     if ids.shape[0] > max_samples:
         raise UploadError(f"{ids.shape[0]} refreshed samples exceeds the cap of {max_samples}")
-    if targets.dtype != np.float32 or targets.shape != (ids.shape[0], hidden):
+    if targets.dtype != np.float32 or targets.shape != (ids.shape[0], width):
         raise UploadError(
-            f"refresh targets must be float32 (N={ids.shape[0]}, {hidden}), "
+            f"refresh targets must be float32 (N={ids.shape[0]}, {width}), "
             f"got {targets.dtype} {targets.shape}"
         )
     if not np.isfinite(targets).all():
