@@ -316,3 +316,38 @@ def test_privacy_boundary_imports() -> None:
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""] + [a.name for a in node.names]
             assert not any("device" in n for n in names), (f, names)
+
+
+def test_a_later_task_never_changes_an_earlier_tasks_predictions() -> None:
+    """With the earlier task's label span protected, its predictions (the output read through
+    its label rows) are exactly what they were, and the later task still learns its own."""
+    acts, t = _data()
+    gen = torch.Generator().manual_seed(5)
+    rows_a = torch.randn(3, D, generator=gen, dtype=F64)  # task a's label rows (clear = masked)
+    rows_b = torch.randn(4, D, generator=gen, dtype=F64)
+    span_a, _ = torch.linalg.qr(rows_a.T)
+    span_b, _ = torch.linalg.qr(rows_b.T)
+    net = _net()
+    net.add_task("a")
+    SideNetworkTrainer(net, TrainerConfig(epochs=3)).fit(acts, t @ span_a @ span_a.T)
+    before = net(acts).detach()
+    free = copy.deepcopy(net)
+    net.add_task("b", protected=span_a)
+    assert net.meta()["protected_dims"] == [0, 3]
+    target_b = -t @ span_b @ span_b.T  # in task b's label span
+    hist = SideNetworkTrainer(net, TrainerConfig(epochs=3)).fit(acts, target_b)
+    assert hist["loss"][-1] < hist["loss"][0]
+    after = net(acts).detach()
+    torch.testing.assert_close(after @ rows_a.T, before @ rows_a.T, rtol=0, atol=1e-10)
+    assert ((after - before) @ rows_b.T).abs().max() > 1e-2  # task b learned through its rows
+    # without protection the same training moves task a's predictions
+    free.add_task("b")
+    SideNetworkTrainer(free, TrainerConfig(epochs=3)).fit(acts, target_b)
+    assert (free(acts).detach() @ rows_a.T - before @ rows_a.T).abs().max() > 1e-3
+    # the protected directions travel with the network's state
+    other = LadderSideNetwork.from_state(net.meta(), net.state_dict())
+    torch.testing.assert_close(other(acts), net(acts), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sequential"):
+        _net("sequential").add_task("a", protected=span_a)
+    with pytest.raises(ValueError, match="protected must be"):
+        _net().add_task("a", protected=span_a[:5])

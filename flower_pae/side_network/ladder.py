@@ -5,10 +5,12 @@ For each selected backbone layer ``l`` (pivot-token hidden states ``A_l``, stand
     in_1 = Â_1
     in_l = (1 − μ_l)·Â_l + μ_l·h_{l−1},   μ_l = sigmoid(α_l)
     h_l  = in_l + Σ_tasks adapter_l^task(in_l)
-    out  = Σ_tasks out^task(h_L)
+    out  = Σ_tasks (I − V_task·V_taskᵀ)·out^task(h_L)
 
 ``out`` lives in the devices' (masked) d-dimensional target space. No task id is used at
-inference: every task's adapters are always summed.
+inference: every task's adapters are always summed. ``V_task`` (optional, per task) is an
+orthonormal basis of the earlier tasks' masked label spans: a later task's output then never
+reaches an earlier task's prediction (``W_j·Qᵀ`` is zero off its label span).
 """
 
 from __future__ import annotations
@@ -53,8 +55,11 @@ class TaskAdapters(nn.Module):
         *,
         generator: torch.Generator,
         dtype: torch.dtype,
+        protected_dims: int = 0,
     ) -> None:
         super().__init__()
+        # Orthonormal basis (out_dim, m) of the output directions this task must not write to.
+        self.register_buffer("protected", torch.zeros(out_dim, protected_dims, dtype=dtype))
         self.layers = nn.ModuleList(
             OAAdapter(hidden, hidden, adapter, generator=generator, dtype=dtype)
             for _ in range(num_layers)
@@ -62,6 +67,13 @@ class TaskAdapters(nn.Module):
         out_cfg = dataclasses.replace(adapter, r_max=out_rank)
         # Zero W2 on the output side: required for masked exactness (see DESIGN "Server").
         self.out = OAAdapter(hidden, out_dim, out_cfg, generator=generator, dtype=dtype)
+
+    def output(self, h: Tensor) -> Tensor:
+        """The task's output map, projected off its protected directions."""
+        o = self.out(h)
+        if self.protected.shape[1]:
+            o = o - (o @ self.protected) @ self.protected.T
+        return o
 
     def slots(self) -> list[tuple[int | str, OAAdapter]]:
         """``(layer index or "out", adapter)`` pairs, in ladder order."""
@@ -197,12 +209,17 @@ class LadderSideNetwork(nn.Module):
             raise KeyError(f"unknown task {key!r}; known: {self._task_keys}")
         return self._set_of[key]
 
-    def add_task(self, key: str) -> bool:
+    def add_task(self, key: str, protected: Tensor | None = None) -> bool:
         """Start task ``key``; allocate a new subspace if it is new.
 
         For ``"oa"``/``"olora"`` a new key ends the current task (its adapters are frozen, so
         calling :meth:`freeze_task` first is optional) and gets fresh adapters, orthogonal to the
         earlier ones. For ``"sequential"`` every key shares the first key's adapters.
+
+        ``protected`` (out_dim, m): directions the new task's output must never write to —
+        the strategy passes the earlier tasks' masked label bases, so that a later task cannot
+        change an earlier task's predictions. Not for ``"sequential"``, whose tasks share one
+        output map.
 
         Returns
         -------
@@ -214,6 +231,10 @@ class LadderSideNetwork(nn.Module):
             raise ValueError(f"task key must be a non-empty string, got {key!r}")
         if key in self._set_of:
             return False
+        if protected is not None and self.method == "sequential":
+            raise ValueError("'sequential' tasks share one output map: nothing can be protected")
+        if protected is not None and (protected.ndim != 2 or protected.shape[0] != self.out_dim):
+            raise ValueError(f"protected must be ({self.out_dim}, m), got {tuple(protected.shape)}")
         added = False
         if self.method == "sequential" and len(self.task_sets) > 0:
             index = 0
@@ -223,6 +244,9 @@ class LadderSideNetwork(nn.Module):
                     self._freeze_set(ts)
             index = len(self.task_sets)
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            span = None
+            if protected is not None:
+                span = _orthonormal_span(protected.to(torch.float64)).to(self.alpha.dtype)
             ts = TaskAdapters(
                 self.num_layers,
                 self.hidden,
@@ -231,7 +255,10 @@ class LadderSideNetwork(nn.Module):
                 self.out_rank,
                 generator=gen,
                 dtype=self.alpha.dtype,
+                protected_dims=0 if span is None else span.shape[1],
             ).to(self.alpha.device)
+            if span is not None:
+                ts.protected.copy_(span)
             self.task_sets.append(ts)
             added = True
         self._task_keys.append(key)
@@ -315,7 +342,7 @@ class LadderSideNetwork(nn.Module):
                     x[:, 0] if layer == 0 else (1 - mu[layer - 1]) * x[:, layer] + mu[layer - 1] * h
                 )
                 h = inp + ts.layers[layer](inp)
-            o = ts.out(h)
+            o = ts.output(h)
             out = o if out is None else out + o
         assert out is not None
         return out
@@ -345,6 +372,9 @@ class LadderSideNetwork(nn.Module):
         """Σ over slots of ‖W2_currentᵀ · H_s‖_F² against all earlier tasks' bases for that slot.
 
         Zero for ``"sequential"``, for the first task and once the current task is frozen.
+        A task whose output is projected off protected directions (:meth:`add_task`) has no
+        penalty on its output map: the projection keeps it off what earlier tasks read,
+        exactly, and the penalty would also forbid cancelling earlier outputs in its own span.
         """
         zero = self.alpha.new_zeros(())
         ts = self._current_set()
@@ -352,6 +382,8 @@ class LadderSideNetwork(nn.Module):
             return zero
         total = zero
         for slot, a in ts.slots():
+            if slot == OUT_SLOT and ts.protected.shape[1]:
+                continue
             hist = self.historical_bases(slot)
             if hist:
                 total = total + orthogonality_loss(a.W2, hist)
@@ -429,6 +461,7 @@ class LadderSideNetwork(nn.Module):
             "dtype": str(self.alpha.dtype).removeprefix("torch."),
             "task_keys": list(self._task_keys),
             "frozen": [self.is_frozen(k) for k in self._task_keys],
+            "protected_dims": [int(ts.protected.shape[1]) for ts in self.task_sets],
             "current_task": self.current_task,
         }
 
@@ -446,8 +479,11 @@ class LadderSideNetwork(nn.Module):
             normalize_history=meta.get("normalize_history", True),
             dtype=getattr(torch, meta.get("dtype", "float32")),
         )
+        dims = meta.get("protected_dims", [])
         for key in meta["task_keys"]:
-            net.add_task(key)
+            m = dims[len(net.task_sets)] if len(net.task_sets) < len(dims) else 0
+            # placeholders of the saved shape; load_state_dict fills in the directions
+            net.add_task(key, torch.eye(net.out_dim, m, dtype=torch.float64) if m else None)
         for key, frozen in zip(meta["task_keys"], meta["frozen"], strict=True):
             if frozen:
                 net.freeze_task(key)
