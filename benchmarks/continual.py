@@ -36,6 +36,9 @@ def main() -> None:
         "max_test=100",
         "rounds_per_task=2",
         "server_epochs=10",
+        # OA's gates must be able to travel from 1 to the threshold within one task's 80 server
+        # steps (2 rounds x 10 epochs x 4 batches of 64): an Adam step of 1/80
+        "gate_lr=0.0125",
         f"data_dir={Path(args.data_dir).resolve()}",
         *args.set,
     ]

@@ -67,6 +67,7 @@ class RunConfig:
     server_epochs: int = 10
     server_batch_size: int = 64
     lr: float = 3e-4
+    gate_lr: float = 3e-4  # Adam step of the OA gates g and thresholds τ
     out_lr: float = 0.05
     out_momentum: float = 0.9
     weight_decay: float = 0.0
@@ -122,6 +123,7 @@ class RunConfig:
             raise ConfigError(f"alpha (Dirichlet concentration) must be > 0, got {self.alpha}")
         if self.lr <= 0 or self.out_lr <= 0 or not 0 <= self.out_momentum < 1:
             raise ConfigError("lr and out_lr must be > 0 and out_momentum in [0, 1)")
+        _positive(self, "gate_lr")
         _positive(self, "lora_r", "lora_lr", "local_epochs")
         if self.method == "fedavg_lora":
             from flower_pae.data import resolve_stream

@@ -941,6 +941,7 @@ def default_trainer_config(cfg) -> TrainerConfig:
         epochs=cfg.server_epochs,
         batch_size=cfg.server_batch_size,
         lr=cfg.lr,
+        gate_lr=cfg.gate_lr,
         out_lr=cfg.out_lr,
         out_momentum=cfg.out_momentum,
         weight_decay=cfg.weight_decay,

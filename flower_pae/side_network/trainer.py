@@ -29,7 +29,11 @@ class TrainerConfig:
     epochs, batch_size : int
         Passes over the given data per :meth:`SideNetworkTrainer.fit`, and mini-batch size.
     lr : float
-        Adam step for everything except the output maps' ``W2``.
+        Adam step for everything except the output maps' ``W2`` and the OA gates.
+    gate_lr : float, optional
+        Adam step for the OA gates ``g`` and thresholds ``τ`` (default: ``lr``). A gate must
+        travel from its initial value to the threshold within a task's few server steps to
+        switch its dimension off.
     out_lr, out_momentum, weight_decay : float
         SGD on the output maps' ``W2``; it needs a larger step than Adam would.
     lambda_orth : float
@@ -43,6 +47,7 @@ class TrainerConfig:
     epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-3
+    gate_lr: float | None = None
     out_lr: float = 0.05
     out_momentum: float = 0.9
     weight_decay: float = 0.0
@@ -55,6 +60,8 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"TrainerConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.gate_lr is not None and self.gate_lr <= 0:
+            raise ValueError(f"TrainerConfig.gate_lr must be > 0, got {self.gate_lr}")
         for name in ("lr", "out_lr", "out_momentum", "weight_decay", "lambda_orth"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainerConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -106,7 +113,14 @@ class SideNetworkTrainer:
                 else:
                     opts.append(torch.optim.Adam(out_w2, lr=c.lr, weight_decay=c.weight_decay))
             if other:
-                opts.append(torch.optim.Adam(other, lr=c.lr))
+                gates = {
+                    id(p) for ts in self.net.task_sets for _, a in ts.slots() for p in (a.g, a.tau)
+                }
+                groups = [
+                    {"params": [p for p in other if id(p) not in gates], "lr": c.lr},
+                    {"params": [p for p in other if id(p) in gates], "lr": c.gate_lr or c.lr},
+                ]
+                opts.append(torch.optim.Adam([g for g in groups if g["params"]]))
             self._optimizers = opts
             self._opt_key = key
         return self._optimizers
