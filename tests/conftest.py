@@ -48,6 +48,20 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_run(tmp_path_factory, tiny_model_dir):
+    """Run a small simulation of the tiny model: ``small_run(name, **settings)`` -> run dir."""
+    from flower_pae.config import RunConfig
+    from simulations.cli import simulate
+
+    def run(name: str, **settings) -> Path:
+        out = tmp_path_factory.mktemp(name)
+        simulate(RunConfig(model=str(tiny_model_dir), **settings), out)
+        return out
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data/cl_benchmark not present (it is on CI and dev machines)")

@@ -45,6 +45,20 @@ def assert_run_directory(run_dir: Path, *, num_tasks: int, num_devices: int) -> 
     return summary
 
 
+def assert_recorded_bytes(run_dir: Path) -> None:
+    """Each ``messages.parquet`` row is one dumped message (same order, round, phase and
+    direction), and its ``payload_bytes`` is what Flower serializes for it, re-measured."""
+    from flower_pae.wire import message_bytes
+
+    messages = pd.read_parquet(run_dir / "messages.parquet")
+    dumps = sorted((run_dir / "wire").glob("*.pb"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    assert len(dumps) == len(messages)
+    for (_, row), path in zip(messages.iterrows(), dumps, strict=True):
+        msg = message_from_proto(ProtoMessage.FromString(path.read_bytes()))
+        assert message_bytes(msg) == row["payload_bytes"], path.name
+        assert path.name.startswith(f"{row['round']:04d}-{row['phase']}-{row['direction']}-")
+
+
 def wire_messages(
     run_dir: Path, phase: str, direction: str, server_round: int | None = None
 ) -> Iterator[tuple[str, bytes, Message]]:

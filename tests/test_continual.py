@@ -12,12 +12,9 @@ from flower_pae.config import RunConfig
 
 
 @pytest.fixture(scope="module")
-def staggered_run(tmp_path_factory, tiny_model_dir) -> Path:
-    from simulations.cli import simulate
-
-    out = tmp_path_factory.mktemp("staggered")
-    cfg = RunConfig(
-        model=str(tiny_model_dir),
+def staggered_run(small_run) -> Path:
+    return small_run(
+        "staggered",
         stream="pypi:bbc,pypi:rotten_tomatoes",
         num_devices=4,
         max_train=24,
@@ -27,8 +24,6 @@ def staggered_run(tmp_path_factory, tiny_model_dir) -> Path:
         server_epochs=1,
         seed=0,
     )
-    simulate(cfg, out)
-    return out
 
 
 def test_staggered_devices_are_evaluated_on_exactly_the_tasks_they_have_seen(staggered_run):

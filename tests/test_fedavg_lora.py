@@ -10,15 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.common.serde import message_from_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from flower_pae.config import ConfigError, RunConfig
 from flower_pae.device.cost import forward_flops, lora_step_flops
 from flower_pae.runlog import RunRecorder
 from flower_pae.wire import array_record, message_bytes
 from strategies.fedavg_lora import ADAPTER, CONFIG, METRICS, FedAvgLoRAStrategy
-from tests.run_contract import wire_messages
+from tests.run_contract import assert_recorded_bytes, wire_messages
 
 STREAM = "pypi:bbc"
 DEVICES, ROUNDS = 3, 2
@@ -84,13 +82,7 @@ def test_run_directory_follows_the_contract(run_dir):
 
 
 def test_recorded_bytes_are_the_serialized_messages(run_dir):
-    messages = pd.read_parquet(run_dir / "messages.parquet")
-    dumps = sorted((run_dir / "wire").glob("*.pb"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-    assert len(dumps) == len(messages)
-    for (_, row), path in zip(messages.iterrows(), dumps, strict=True):
-        msg = message_from_proto(ProtoMessage.FromString(path.read_bytes()))
-        assert message_bytes(msg) == row["payload_bytes"], path.name
-        assert path.name.startswith(f"{row['round']:04d}-{row['phase']}-{row['direction']}-")
+    assert_recorded_bytes(run_dir)
 
 
 def test_global_adapter_is_the_example_weighted_mean_of_the_devices(run_dir):

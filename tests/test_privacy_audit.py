@@ -151,12 +151,9 @@ def test_attack_code_does_not_import_the_devices_secret():
 
 # ---- end to end on a small simulation ------------------------------------------------------
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    from simulations.cli import simulate
-
-    out = tmp_path_factory.mktemp("audit-run")
-    cfg = RunConfig(
-        model=str(tiny_model_dir),
+def run_dir(small_run) -> Path:
+    return small_run(
+        "audit-run",
         stream="pypi:bbc",
         num_devices=2,
         max_train=40,
@@ -165,8 +162,6 @@ def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
         server_epochs=1,
         record_wire=True,
     )
-    simulate(cfg, out)
-    return out
 
 
 def test_server_view_is_exactly_the_cache(run_dir):

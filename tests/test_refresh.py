@@ -70,12 +70,9 @@ STREAM = "pypi:bbc"
 
 
 @pytest.fixture(scope="module")
-def refresh_run(tmp_path_factory, tiny_model_dir) -> Path:
-    from simulations.cli import simulate
-
-    out = tmp_path_factory.mktemp("refresh")
-    cfg = RunConfig(
-        model=str(tiny_model_dir),
+def refresh_run(small_run) -> Path:
+    return small_run(
+        "refresh",
         stream=STREAM,
         num_devices=3,
         max_train=24,
@@ -86,8 +83,6 @@ def refresh_run(tmp_path_factory, tiny_model_dir) -> Path:
         evaluate_every=2,
         record_wire=True,
     )
-    simulate(cfg, out)
-    return out
 
 
 def test_refresh_resends_only_masked_gradients_of_held_samples(refresh_run):

@@ -13,25 +13,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.common.serde import message_from_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from flower_pae.config import RunConfig
 from flower_pae.data import load_task, partition, resolve_stream
 from flower_pae.device.secret import SECRET_ENV, CohortSecret
 from flower_pae.wire import BASIS, CONFIG, METRICS, UPLOAD, UPLOAD_KEYS_FP16
-from tests.run_contract import assert_run_directory, wire_messages
+from tests.run_contract import assert_recorded_bytes, assert_run_directory, wire_messages
 
 STREAM = "pypi:bbc,pypi:rotten_tomatoes"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    from simulations.cli import simulate
-
-    out = tmp_path_factory.mktemp("run")
-    cfg = RunConfig(
-        model=str(tiny_model_dir),
+def run_dir(small_run) -> Path:
+    return small_run(
+        "run",
         stream=STREAM,
         num_devices=4,
         max_train=32,
@@ -40,8 +35,6 @@ def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
         server_epochs=2,
         record_wire=True,
     )
-    simulate(cfg, out)
-    return out
 
 
 def _tasks():
@@ -192,14 +185,7 @@ def test_partition_is_what_devices_used(run_dir):
 
 def test_recorded_bytes_are_the_serialized_messages(run_dir):
     """payload_bytes is what Flower serializes for each message, re-measured from the dumps."""
-    from flower_pae.wire import message_bytes
-
-    messages = pd.read_parquet(run_dir / "messages.parquet")
-    dumps = sorted((run_dir / "wire").glob("*.pb"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-    assert len(dumps) == len(messages)
-    for (_, row), path in zip(messages.iterrows(), dumps, strict=True):
-        msg = message_from_proto(ProtoMessage.FromString(path.read_bytes()))
-        assert message_bytes(msg) == row["payload_bytes"], path.name
+    assert_recorded_bytes(run_dir)
 
 
 def test_analysis_reads_the_run(run_dir):
