@@ -815,10 +815,7 @@ class PAEStrategy(Strategy):
         earlier = [self.bases[k] for k in self.net.task_keys if k in self.bases]
         if not earlier:
             return None
-        spans = np.concatenate(earlier, axis=1).astype(np.float64)
-        u, s, _ = np.linalg.svd(spans, full_matrices=False)
-        kept = u[:, s > 1e-6 * s[0]]  # tasks with the same label words share directions
-        return torch.from_numpy(np.ascontiguousarray(kept))
+        return torch.from_numpy(np.concatenate(earlier, axis=1).astype(np.float64))
 
     def _see_task(self, key: str, server_round: int) -> None:
         """Open a subspace for a new task key; the previous task's training ends."""

@@ -28,17 +28,20 @@ SIDE_METHODS: tuple[str, ...] = ("oa", "olora", "sequential")
 OUT_SLOT = "out"
 
 
-def _orthonormal_span(basis: Tensor) -> Tensor:
+def _orthonormal_span(basis: Tensor, rtol: float | None = None) -> Tensor:
     """Orthonormal basis ``U`` of the column span of ``basis`` (numerically zero directions
     dropped). ``‖W2ᵀU‖_F²`` is then the energy ``W2`` puts into that subspace, whatever the
     scale of the old columns; it commutes with a rotation of the output space.
+
+    ``rtol`` drops directions below ``rtol`` × the largest singular value instead of those at
+    machine precision.
     """
     if basis.shape[1] == 0:
         return basis
     u, s, _ = torch.linalg.svd(basis, full_matrices=False)
     if s.numel() == 0 or s[0] == 0:
         return basis[:, :0]
-    tol = s[0] * max(basis.shape) * torch.finfo(basis.dtype).eps
+    tol = s[0] * (rtol if rtol is not None else max(basis.shape) * torch.finfo(basis.dtype).eps)
     return u[:, s > tol].contiguous()
 
 
@@ -246,7 +249,10 @@ class LadderSideNetwork(nn.Module):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             span = None
             if protected is not None:
-                span = _orthonormal_span(protected.to(torch.float64)).to(self.alpha.dtype)
+                # rtol: spans given twice up to float32 noise (tasks with the same label words)
+                # count once
+                span = _orthonormal_span(protected.to(torch.float64), rtol=1e-6)
+                span = span.to(self.alpha.dtype)
             ts = TaskAdapters(
                 self.num_layers,
                 self.hidden,
