@@ -121,14 +121,8 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     address that ``auto`` finds after a cluster of this machine stopped)."""
     from ray._private.services import canonicalize_bootstrap_address_or_die
 
-    try:
-        host, _, port = canonicalize_bootstrap_address_or_die(address).rpartition(":")
-        socket.create_connection((host, int(port)), timeout).close()
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"ray_address={address!r}: no Ray cluster answers there ({err}). Start one with "
-            "`ray start --head`, or leave ray_address empty for a private local instance"
-        ) from err
+    host, _, port = canonicalize_bootstrap_address_or_die(address).rpartition(":")
+    socket.create_connection((host, int(port)), timeout).close()
 
 
 @contextlib.contextmanager
@@ -150,11 +144,11 @@ def ray_cluster(address: str, env: dict[str, str]) -> Iterator[None]:
         return
     import ray
 
-    _check_reachable(address)
     env_vars = {"PYTHONPATH": os.pathsep.join(sys.path), **env}
     try:
+        _check_reachable(address)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, logging_level="warning")
-    except (ConnectionError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # ConnectionError is an OSError
         raise ConfigError(
             f"ray_address={address!r}: no Ray cluster answers there ({err}). Start one with "
             "`ray start --head`, or leave ray_address empty for a private local instance"
