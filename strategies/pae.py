@@ -798,8 +798,8 @@ class PAEStrategy(Strategy):
         self._nodes = nodes
 
     def protected_directions(self) -> torch.Tensor | None:
-        """What new task ``key``'s output must not write to: the earlier tasks' masked label
-        spans.
+        """What a task opening now must not write to: the earlier tasks' masked label bases
+        (the network orthonormalizes them).
 
         Task ``j`` reads the side output only through its label rows, ``W_j·Qᵀ·s``, which is
         zero off ``span(U_j)``. An output kept off ``span(U_j)`` leaves task ``j``'s predictions
