@@ -1,24 +1,33 @@
-"""Poisoning devices against the server's side-network training, with and without clipping.
+"""Poisoning devices against the server's side-network training, with and without defences.
 
     python benchmarks/poisoning.py --task pypi:bbc --max-train 200 --max-test 100 \
-        --devices 8 --poisoned 0,1,2 --attacks scale,flip --clip 0,1.5,3 --out runs/poisoning.jsonl
+        --devices 8 --poisoned 0,1,2 --attacks scale,flip --clip 0,1.5,3 --agree 0,10 \
+        --out runs/poisoning.jsonl
 
 The backbone's pivot states of every row are computed once (through the machine's activation
 store, as the devices do, so a second run is cheap). The training rows are split over
-``--devices`` devices as a simulation would (iid, seeded); the first ``k`` devices of the
-split are poisoning: they upload their prediction differences multiplied by ``--factor``
-(``scale``, ×100 by default) or negated (``flip``), masked by the cohort's rotation like every
-other device's. The server is the real one: ``PAEStrategy`` from ``build_strategy`` with the
-run's default settings and ``clip_targets = c`` (each target's norm clipped at ``c ×`` the
-median norm of the task's targets before training; 0 = off) receives one training reply per
+``--devices`` devices as a simulation would (``--partition``, seeded); the first ``k`` devices
+of the split are poisoning: they upload their prediction differences multiplied by
+``--factor`` (``scale``, ×100 by default) or negated (``flip``), masked by the cohort's
+rotation like every other device's. The server is the real one: ``PAEStrategy`` from
+``build_strategy`` with the run's default settings, ``clip_targets = c`` (each target's norm
+clipped at ``c ×`` the median norm of the task's targets before training; 0 = off) and
+``agreement_neighbours = n`` (devices whose differences disagree with those of their ``n``
+nearest samples of other devices are left out; 0 = off). It receives one training reply per
 device, caches them and trains for ``--rounds`` rounds (``rounds_per_task``); the devices'
 side of the prediction (decode ``s = Qᵀ·s̃``, ``argmax(softmax(z) + W·s)``) is then scored on
 the test rows.
 
-One JSON line per (attack, k, c): test accuracy of ``argmax(softmax(z) + W·s)`` (mean over
+With ``--refresh-step η`` (the refresh phase, as in the ``agnews`` config: one server epoch per
+round) the first differences are the cross-entropy gradients against ``s = 0``, and in every
+later round each device sends, for its samples, the gradient against the server's current
+output (``held_outputs``, what its training message carries), the poisoning devices' gradients
+scaled or flipped; devices predict ``argmax(z + W·s)``.
+
+One JSON line per (attack, k, c, n): test accuracy of ``argmax(softmax(z) + W·s)`` (mean over
 ``--repeats`` partitions, rotations and server seeds, and each), the backbone's zero-shot
-accuracy, the fraction of training samples that were poisoned and how many targets the
-clipping touched (means).
+accuracy, the fraction of training samples that were poisoned, how many targets the
+clipping touched and how many devices the agreement check left out (means).
 """
 
 from __future__ import annotations
@@ -37,10 +46,18 @@ from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 from flower_pae.backbone import DEFAULT_MODEL, cache_dir, load_backbone, select_layers
 from flower_pae.config import RunConfig
 from flower_pae.data import load_task, partition
-from flower_pae.device.difference import lift, mask, residual, unmask
+from flower_pae.device.difference import gradient_difference, lift, mask, residual, unmask
 from flower_pae.device.shortcut import build_prompt, label_rows, pivot_features
 from flower_pae.device.store import ActivationStore
-from flower_pae.wire import BASIS, CONFIG, UPLOAD, array_record, ids_to_array
+from flower_pae.wire import (
+    BASIS,
+    CONFIG,
+    REFRESH,
+    UPLOAD,
+    array_record,
+    encode_activations,
+    ids_to_array,
+)
 from simulations.server_app import build_strategy
 
 
@@ -99,7 +116,7 @@ def device_replies(
     acts = data["train"]["acts"]
     replies = []
     for node, shard in enumerate(shards, start=1):
-        ids = [f"{node:04d}-{i:011d}".encode() for i in shard]
+        ids = sample_ids(node, shard)
         arrays = {
             "ids": ids_to_array(ids),
             "acts": acts[shard].half().numpy(),
@@ -120,23 +137,73 @@ def device_replies(
     return replies
 
 
+def sample_ids(node: int, shard: list[int]) -> list[bytes]:
+    return [f"{node:04d}-{i:011d}".encode() for i in shard]
+
+
+def refresh_replies(
+    strategy,
+    data: dict,
+    shards: list[list[int]],
+    q: torch.Tensor,
+    k: int,
+    attack: str,
+    factor: float,
+) -> list[Message]:
+    """A refresh round's replies: no new samples; for each device's samples the masked
+    cross-entropy gradient against the server's current output, poisoned for the first k."""
+    train = data["train"]
+    _, layers, d = train["acts"].shape
+    replies = []
+    for node, shard in enumerate(shards, start=1):
+        ids = sample_ids(node, shard)
+        side = unmask(torch.from_numpy(strategy.held_outputs(ids)), q)
+        labels = train["labels"][shard]
+        grads = gradient_difference(train["logits"][shard], data["rows"], labels, side).float()
+        if node <= k:
+            grads = poison(grads, [list(range(len(shard)))], 1, attack, factor)
+        empty = encode_activations(torch.zeros(0, layers, d), "fp16")
+        empty.update(ids=ids_to_array([]), targets=np.zeros((0, d), np.float32))
+        refresh = {"ids": ids_to_array(ids), "targets": mask(grads, q).numpy()}
+        content = RecordDict(
+            {
+                UPLOAD: array_record(empty),
+                CONFIG: ConfigRecord({"task_key": "0" * 16}),
+                REFRESH: array_record(refresh),
+            }
+        )
+        meta = Metadata(1, f"m{node}", node, 0, "q", "", 0.0, 60.0, "train")
+        replies.append(Message(content, metadata=meta))
+    return replies
+
+
 def train_and_score(
-    data: dict, replies: list[Message], q: torch.Tensor, cfg: RunConfig, rounds: int
-) -> tuple[float, int]:
+    data: dict,
+    replies: list[Message],
+    q: torch.Tensor,
+    cfg: RunConfig,
+    rounds: int,
+    refresh=None,
+) -> tuple[float, int, int]:
     """The server's own code path: :class:`PAEStrategy` caches the replies and trains for
-    ``rounds`` rounds; devices decode the side output. Test accuracy and targets clipped."""
+    ``rounds`` rounds (``refresh(strategy)``: the replies of each later round); devices decode
+    the side output. Test accuracy, targets clipped and devices left out in the last round."""
     with tempfile.TemporaryDirectory() as out:
         strategy = build_strategy(cfg, Path(out))
-        clipped = 0
         for server_round in range(1, rounds + 1):
-            _, metrics = strategy.aggregate_train(
-                server_round, replies if server_round == 1 else []
-            )
-            clipped = int(metrics.get("clipped_targets", 0))
+            if server_round == 1:
+                sent = replies
+            else:
+                sent = refresh(strategy) if refresh is not None else []
+            _, metrics = strategy.aggregate_train(server_round, sent)
         side = unmask(strategy.trainer.predict(data["test"]["acts"]), q)
     test, rows = data["test"], data["rows"]
-    scores = torch.softmax(test["logits"], -1) + side @ rows.T
-    return float((scores.argmax(-1) == test["labels"]).float().mean()), clipped
+    if cfg.refresh_step:
+        scores = test["logits"] + side @ rows.T
+    else:
+        scores = torch.softmax(test["logits"], -1) + side @ rows.T
+    accuracy = float((scores.argmax(-1) == test["labels"]).float().mean())
+    return accuracy, int(metrics.get("clipped_targets", 0)), int(metrics.get("excluded_devices", 0))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attacks", default="scale,flip")
     p.add_argument("--factor", type=float, default=100.0, help="the scale attack's factor")
     p.add_argument("--clip", default="0,1.5,3", help="clip_targets values (0 = no defence)")
+    p.add_argument("--agree", default="0,10", help="agreement_neighbours values (0 = off)")
+    p.add_argument("--partition", default="iid", choices=("iid", "dirichlet"))
+    p.add_argument(
+        "--refresh-step", type=float, default=0.0, help="η of the refresh phase (0: one-shot)"
+    )
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     p.add_argument("--rounds", type=int, default=2, help="server fits (rounds_per_task)")
     p.add_argument("--seed", type=int, default=0, help="data subsample; first repeat's seed")
     p.add_argument(
@@ -163,7 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     data = features(args)
     train = data["train"]
-    targets = lift(data["rows"], residual(train["logits"], train["labels"])).float()
+    if args.refresh_step:
+        side = torch.zeros(len(train["labels"]), train["acts"].shape[2])
+        targets = gradient_difference(train["logits"], data["rows"], train["labels"], side)
+        targets = targets.float()
+    else:
+        targets = lift(data["rows"], residual(train["logits"], train["labels"])).float()
     z = data["test"]["logits"]
     zero_shot = float((z.argmax(-1) == data["test"]["labels"]).float().mean())
     attacks = args.attacks.split(",")
@@ -172,20 +250,47 @@ def main(argv: list[str] | None = None) -> None:
         for k in (int(v) for v in args.poisoned.split(",")):
             if k == 0 and attack != attacks[0]:
                 continue  # k = 0 is the same clean run for every attack
-            for clip in (float(v) for v in args.clip.split(",")):
+            cells = [
+                (float(c), int(a)) for c in args.clip.split(",") for a in args.agree.split(",")
+            ]
+            for clip, agree in cells:
                 t0 = time.perf_counter()
-                accuracies, counts, fractions = [], [], []
+                accuracies, counts, fractions, excluded = [], [], [], []
                 for repeat in range(args.repeats):
                     # each repeat: another partition, secret rotation and server seed
                     seed = args.seed + repeat
                     q = random_rotation(train["acts"].shape[2], seed)
-                    shards = partition(train["labels"].tolist(), args.devices, seed=seed)
+                    shards = partition(
+                        train["labels"].tolist(),
+                        args.devices,
+                        scheme=args.partition,
+                        alpha=args.alpha,
+                        seed=seed,
+                    )
                     uploaded = poison(targets, shards, k, attack, args.factor)
                     replies = device_replies(data, uploaded, shards, q)
-                    cfg = RunConfig(seed=seed, clip_targets=clip, checkpoint_every=0)
-                    acc, count = train_and_score(data, replies, q, cfg, args.rounds)
+                    cfg = RunConfig(
+                        seed=seed,
+                        clip_targets=clip,
+                        agreement_neighbours=agree,
+                        refresh_step=args.refresh_step,
+                        server_epochs=1 if args.refresh_step else RunConfig.server_epochs,
+                        checkpoint_every=0,
+                    )
+                    later = None
+                    if args.refresh_step:
+
+                        def later(strategy, shards=shards, q=q, k=k, attack=attack):
+                            return refresh_replies(
+                                strategy, data, shards, q, k, attack, args.factor
+                            )
+
+                    acc, count, left_out = train_and_score(
+                        data, replies, q, cfg, args.rounds, later
+                    )
                     accuracies.append(round(acc, 4))
                     counts.append(count)
+                    excluded.append(left_out)
                     fractions.append(sum(len(s) for s in shards[:k]) / len(targets))
                 row = {
                     "task": data["task"],
@@ -194,8 +299,13 @@ def main(argv: list[str] | None = None) -> None:
                     "poisoned_devices": k,
                     "devices": args.devices,
                     "poisoned_fraction": round(sum(fractions) / len(fractions), 4),
+                    "partition": args.partition,
+                    "refresh_step": args.refresh_step,
+                    "rounds": args.rounds,
                     "clip_targets": clip,
                     "clipped_targets": round(sum(counts) / len(counts), 1),
+                    "agreement_neighbours": agree,
+                    "excluded_devices": excluded,
                     "accuracy": round(sum(accuracies) / len(accuracies), 4),
                     "accuracies": accuracies,
                     "zero_shot": round(zero_shot, 4),

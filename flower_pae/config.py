@@ -76,6 +76,8 @@ class RunConfig:
     server_threads: int = 1
     # server: what it accepts from devices
     clip_targets: float = 0.0  # poisoning defence: clip target norms at k × the median (0: off)
+    agreement_neighbours: int = 0  # poisoning defence: drop devices that disagree with k nearest
+    download_precision: str = "fp16"  # side network's weight matrices to evaluating devices
     max_upload_mb: float = 512.0  # a larger upload (or refresh) record is rejected unread
     # baseline: FedAvg + LoRA (method = "fedavg_lora"), trained on the devices
     lora_r: int = 8  # LoRA rank on q_proj, v_proj (lora_alpha = 2·r)
@@ -103,10 +105,11 @@ class RunConfig:
         _non_negative(self, "server_threads")
         _non_negative(self, "server_epochs", "sparsity", "lambda_orth", "weight_decay")
         _non_negative(self, "target_noise", "refresh_step", "clip_targets")
-        _non_negative(self, "checkpoint_every", "stop_after")
+        _non_negative(self, "checkpoint_every", "stop_after", "agreement_neighbours")
         _positive(self, "max_upload_mb")
         _choice(self, "partition", ("iid", "dirichlet"))
         _choice(self, "precision", ("fp16", "int8"))
+        _choice(self, "download_precision", ("fp16", "fp32"))
         _choice(self, "method", METHODS)
         _choice(self, "dropout_mode", DROPOUT_MODES)
         if not 0.0 <= self.dropout < 1.0:

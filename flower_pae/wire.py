@@ -8,6 +8,7 @@ that nothing else is ever sent.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -85,9 +86,15 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def side_network_records(meta: dict, state: dict[str, torch.Tensor]) -> RecordDict:
-    """Pack the side network for download (weights as float32 arrays, meta as JSON)."""
-    arrays = {k: v.detach().cpu().float().numpy() for k, v in state.items()}
+def side_network_records(
+    meta: dict, state: dict[str, torch.Tensor], half: Collection[str] = ()
+) -> RecordDict:
+    """Pack the side network for download: the entries named in ``half`` as float16 arrays,
+    the others as float32; meta as JSON. The device loads them into a float32 network."""
+    arrays = {
+        k: v.detach().cpu().to(torch.float16 if k in half else torch.float32).numpy()
+        for k, v in state.items()
+    }
     return RecordDict(
         {SIDE_NET: array_record(arrays), SIDE_META: ConfigRecord({"json": json.dumps(meta)})}
     )

@@ -64,6 +64,8 @@ def build_strategy(cfg: RunConfig, out: Path) -> PAEStrategy:
         route_by_task=cfg.method == "oracle",
         refresh_step=cfg.refresh_step,
         clip_targets=cfg.clip_targets,
+        agreement_neighbours=cfg.agreement_neighbours,
+        download_precision=cfg.download_precision,
         max_upload_bytes=int(cfg.max_upload_mb * 2**20),
         checkpoint_dir=out / "checkpoint",
         checkpoint_every=cfg.checkpoint_every,

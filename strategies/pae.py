@@ -32,7 +32,7 @@ from flower_pae import cl_metrics
 from flower_pae.runlog import RunRecorder
 from flower_pae.server.cache import ActivationCache
 from flower_pae.server.checkpoint import CheckpointError, load_state, save_state
-from flower_pae.server.robust import clip_target_norms
+from flower_pae.server.robust import clip_target_norms, disagreeing_devices
 from flower_pae.server.validation import (
     EVALUATE_RECORDS,
     MAX_SAMPLES_PER_UPLOAD,
@@ -133,6 +133,18 @@ class PAEStrategy(Strategy):
         Poisoning defence: before each round's training, every target's norm is clipped at
         this many times the median target norm of its task (0: off). Norms survive the
         devices' rotation, so the masked training stays exact.
+    agreement_neighbours : int
+        Poisoning defence against flipped differences (0: off): devices whose differences
+        point, on average, against the mean difference of the ``k`` most similar samples
+        (last layer's pivot state) of other devices are left out of the round's training
+        (:func:`~flower_pae.server.robust.disagreeing_devices`). One-shot: on each task's
+        cached differences; refresh phase: on the round's gradients (an excluded device's
+        samples get no step). Cosines survive the rotation, so masked training stays exact.
+    download_precision : {"fp16", "fp32"}
+        How the side network's weight matrices travel to evaluating devices: ``"fp16"``
+        halves the download (the device computes in float32; gates, thresholds, the
+        standardizer and the protected directions always travel as float32, so which
+        dimensions are active and which outputs are protected is exactly the server's).
     max_upload_samples, max_upload_bytes : int
         Caps on one reply's upload (and refresh) record; a larger one is rejected unread.
     checkpoint_dir : Path, optional
@@ -161,6 +173,8 @@ class PAEStrategy(Strategy):
         evaluate_every: int = 1,
         task_rounds: int = 0,
         clip_targets: float = 0.0,
+        agreement_neighbours: int = 0,
+        download_precision: str = "fp16",
         max_upload_samples: int = MAX_SAMPLES_PER_UPLOAD,
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
         checkpoint_dir: Path | None = None,
@@ -171,6 +185,10 @@ class PAEStrategy(Strategy):
             raise ValueError(f"refresh_step must be >= 0, got {refresh_step}")
         if clip_targets < 0:
             raise ValueError(f"clip_targets must be >= 0, got {clip_targets}")
+        if download_precision not in ("fp16", "fp32"):
+            raise ValueError(f"download_precision must be fp16 or fp32, got {download_precision!r}")
+        if agreement_neighbours < 0:
+            raise ValueError(f"agreement_neighbours must be >= 0, got {agreement_neighbours}")
         if checkpoint_every < 0 or stop_after < 0:
             raise ValueError("checkpoint_every and stop_after must be >= 0")
         if (checkpoint_every or stop_after) and checkpoint_dir is None:
@@ -179,6 +197,8 @@ class PAEStrategy(Strategy):
         self.evaluate_every = evaluate_every
         self.task_rounds = task_rounds
         self.clip_targets = clip_targets
+        self.agreement_neighbours = agreement_neighbours
+        self.download_precision = download_precision
         self.max_upload_samples = max_upload_samples
         self.max_upload_bytes = max_upload_bytes
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -200,6 +220,7 @@ class PAEStrategy(Strategy):
         self.rng = random.Random(seed)
         self.tasks: dict[str, _TaskLog] = {}
         self.held: dict[int, set[bytes]] = defaultdict(set)
+        self.uploader: dict[bytes, int] = {}  # cached sample -> the device that first sent it
         self.bases: dict[str, np.ndarray] = {}  # task key -> masked label basis (d, C)
         self.rejected: list[dict] = []
         self.expected_shape: tuple[int, int] | None = None
@@ -280,7 +301,7 @@ class PAEStrategy(Strategy):
         replies = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
         expected = self.expected_shape or self.agreed_shape(replies)
         new_samples = 0
-        differences: list[tuple[str, list[bytes], np.ndarray]] = []
+        differences: list[tuple[int, str, list[bytes], np.ndarray, bool]] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -318,20 +339,24 @@ class PAEStrategy(Strategy):
                     server_round, "replayed_samples", len(ids) - kept, task=task_key, node_id=node
                 )
             self.held[node].update(i for i in ids if i in self.cache)
+            fresh_ids = [ids[n] for n in fresh]
+            self.uploader.update(dict.fromkeys(fresh_ids, node))
             new_samples += kept
             if self.refresh_step:
-                fresh_ids = [ids[n] for n in fresh]
-                differences.append((task_key, fresh_ids, arrays["targets"][fresh], True))
+                differences.append((node, task_key, fresh_ids, arrays["targets"][fresh], True))
                 if accepted.refresh is not None:
-                    differences.append((task_key, *accepted.refresh, False))
+                    differences.append((node, task_key, *accepted.refresh, False))
             self._record_device_metrics(server_round, reply, task_key)
         metrics = {"new_samples": new_samples}
         if differences:
-            metrics["refreshed_samples"] = self.apply_differences(differences)
+            refreshed, excluded = self.apply_differences(differences)
+            metrics["refreshed_samples"] = refreshed
+            if self.agreement_neighbours:
+                metrics["excluded_devices"] = len(excluded)
         current = self.net.current_task if self.net is not None else None
         if current is not None and self.cache.task_size(current) > 0:
             self.tasks[current].last_round = server_round
-            acts, targets, clipped = self.training_data(current)
+            acts, targets, defence = self.training_data(current)
             self.net.route = current if self.route_by_task else None
             if not self.net.standardizer_fitted:
                 self.net.fit_standardizer(acts)
@@ -342,8 +367,7 @@ class PAEStrategy(Strategy):
                 train_loss=float(losses["loss"][-1]),
                 train_samples=len(acts),
             )
-            if self.clip_targets:
-                metrics["clipped_targets"] = clipped
+            metrics.update(defence)
         for name, value in metrics.items():
             self.recorder.metric(server_round, name, value, task=current)
         for name, value in self.cache.stats.as_dict().items():
@@ -431,27 +455,53 @@ class PAEStrategy(Strategy):
             seen.add(sample_id)
         return rows
 
-    def training_data(self, current: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def training_data(self, current: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         """What the server trains on this round: the current task's cache (or all, with replay).
 
-        Returns activations, targets (after :meth:`defend_targets`, task by task) and how many
-        targets the defence changed.
+        Returns activations and targets (after :meth:`defend_targets`, task by task) and what
+        the defences did (their metrics, summed over tasks; empty when they are off).
         """
         keys = [k for k in self.tasks if self.cache.task_size(k)] if self.replay else [current]
-        acts, targets, changed = [], [], 0
+        acts, targets, defence = [], [], Counter()
         for key in keys:
             a, t = self.cache.training_data(key)
-            t, n = self.defend_targets(key, t)
+            a, t, report = self.defend_targets(key, a, t)
             acts.append(a)
             targets.append(t)
-            changed += n
-        return torch.cat(acts), torch.cat(targets), changed
+            defence.update(report)
+        return torch.cat(acts), torch.cat(targets), dict(defence)
 
-    def defend_targets(self, task_key: str, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Poisoning defence on one task's cached targets: norm clipping at ``clip_targets`` ×
-        their median norm (0: none). Override for another defence; it must depend on norms
-        (or other rotation-invariant figures) only, or masked training stops being exact."""
-        return clip_target_norms(targets, self.clip_targets)
+    def defend_targets(
+        self, task_key: str, acts: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+        """Poisoning defences on one task's cached samples, before training on them.
+
+        Norm clipping at ``clip_targets`` × the median norm, then (one-shot differences only:
+        refreshed targets are the server's outputs plus a step, checked in
+        :meth:`apply_differences`) the rows of the devices that :func:`disagreeing_devices`
+        names are left out. Override for another defence; it must depend on norms and
+        cosines of targets (rotation-invariant figures) only, or masked training stops being
+        exact.
+        """
+        report: dict[str, int] = {}
+        if self.clip_targets:
+            targets, report["clipped_targets"] = clip_target_norms(targets, self.clip_targets)
+        if self.agreement_neighbours and not self.refresh_step:
+            owners = torch.tensor([self.uploader[i] for i in self.cache.task_ids(task_key)])
+            excluded = disagreeing_devices(acts[:, -1], targets, owners, self.agreement_neighbours)
+            keep = ~torch.isin(owners, torch.tensor(excluded, dtype=owners.dtype))
+            acts, targets = acts[keep], targets[keep]
+            report["excluded_devices"] = len(excluded)
+            report["excluded_samples"] = int((~keep).sum())
+            if excluded:
+                log.warning(
+                    "task %s: left out %d device(s) whose differences disagree with their "
+                    "neighbours': %s",
+                    task_key,
+                    len(excluded),
+                    excluded,
+                )
+        return acts, targets, report
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -461,9 +511,12 @@ class PAEStrategy(Strategy):
             return []
         nodes = sorted(grid.get_node_ids())
         count = max(1, round(self.fraction_evaluate * len(nodes)))
+        half = ()
+        if self.download_precision == "fp16":
+            half = {name for name, p in self.net.named_parameters() if p.ndim >= 2}
         messages = []
         for node in self.sample_nodes(grid, count):
-            content = side_network_records(self.net.meta(), self.net.state_dict())
+            content = side_network_records(self.net.meta(), self.net.state_dict(), half)
             content[CONFIG] = ConfigRecord({**config, "round": server_round})
             messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
         return messages
@@ -652,8 +705,8 @@ class PAEStrategy(Strategy):
 
     @torch.no_grad()
     def apply_differences(
-        self, differences: list[tuple[str, list[bytes], np.ndarray, bool]]
-    ) -> int:
+        self, differences: list[tuple[int, str, list[bytes], np.ndarray, bool]]
+    ) -> tuple[int, list[int]]:
         """Turn devices' masked gradients ``g̃`` into regression targets ``s̃ + η·g̃``.
 
         ``s̃`` is the side network's output now, before this round's training: the outputs the
@@ -661,12 +714,15 @@ class PAEStrategy(Strategy):
         sample's gradient was computed against ``s = 0`` (the device had no output for it):
         it is used only where the output is exactly zero (no network or zero-initialised
         output maps); elsewhere its target is ``s̃`` (no step) until its first refresh.
-        Returns the number of targets set.
+        With ``agreement_neighbours``, the devices whose gradients of this round disagree with
+        their neighbours' (:func:`disagreeing_devices`, task by task) get no step.
+        Returns the number of targets set and the excluded devices.
         """
+        excluded = self.disagreeing_gradients(differences)
         count = 0
         was_training = self.net.training
         self.net.eval()
-        for task_key, ids, grads, fresh in differences:
+        for node, task_key, ids, grads, fresh in differences:
             if not ids:
                 continue
             self.net.route = task_key if self.route_by_task else None
@@ -675,11 +731,40 @@ class PAEStrategy(Strategy):
             step = self.refresh_step * np.asarray(grads, np.float32)
             if fresh:
                 step *= ~np.any(side != 0, axis=1, keepdims=True)
+            if node in excluded:
+                step *= 0.0
             self.cache.set_targets(ids, side + step)
             count += len(ids)
         self.net.route = None
         self.net.train(was_training)
-        return count
+        return count, excluded
+
+    def disagreeing_gradients(
+        self, differences: list[tuple[int, str, list[bytes], np.ndarray, bool]]
+    ) -> list[int]:
+        """The devices :func:`disagreeing_devices` names on this round's gradients, per task."""
+        if not self.agreement_neighbours:
+            return []
+        excluded: list[int] = []
+        for task_key in dict.fromkeys(d[1] for d in differences):
+            rows = [d for d in differences if d[1] == task_key and d[2]]
+            if len({d[0] for d in rows}) < 3:
+                continue
+            ids = [i for d in rows for i in d[2]]
+            owners = torch.tensor([d[0] for d in rows for _ in d[2]])
+            grads = torch.from_numpy(np.concatenate([np.asarray(d[3], np.float32) for d in rows]))
+            acts = self.cache.activations(ids)[:, -1]
+            found = disagreeing_devices(acts, grads, owners, self.agreement_neighbours)
+            if found:
+                log.warning(
+                    "task %s: no step for %d device(s) whose gradients disagree with their "
+                    "neighbours': %s",
+                    task_key,
+                    len(found),
+                    found,
+                )
+            excluded += found
+        return excluded
 
     def _reject(self, server_round: int, reply: Message, phase: str, reason: str) -> None:
         """Log and record a reply that failed a check (it changes nothing else)."""
@@ -714,6 +799,7 @@ class PAEStrategy(Strategy):
             "net_meta": self.net.meta() if self.net is not None else None,
             "tasks": [[t.key, t.first_round, t.last_round] for t in self.tasks.values()],
             "held": {str(node): sorted(i.hex() for i in ids) for node, ids in self.held.items()},
+            "uploader": {i.hex(): node for i, node in self.uploader.items()},
             "bases": {key: basis.tolist() for key, basis in self.bases.items()},
             "rejected": self.rejected,
             "accuracy": _str_keys(self.accuracy),
@@ -774,6 +860,7 @@ class PAEStrategy(Strategy):
         self.held = defaultdict(set)
         for node, ids in state["held"].items():
             self.held[int(node)] = {bytes.fromhex(i) for i in ids}
+        self.uploader = {bytes.fromhex(i): int(node) for i, node in state["uploader"].items()}
         self.bases = {k: np.asarray(b, np.float32) for k, b in state["bases"].items()}
         self.rejected = list(state["rejected"])
         self.accuracy = _int_keys(state["accuracy"])

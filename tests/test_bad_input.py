@@ -1,6 +1,7 @@
 """Bad input from devices: every malformed reply is rejected with a logged reason, changes
 nothing on the server, and the round goes on with the good replies; replayed samples are
-ignored and counted; poisoned (scaled) differences are bounded by target clipping.
+ignored and counted; poisoned differences are bounded by target clipping (scaled) and
+left out by neighbour agreement (flipped).
 
 The strategy is fed hand-built replies "from node N", as Flower's grid hands them over.
 """
@@ -26,7 +27,7 @@ from flower_pae.config import RunConfig
 from flower_pae.oa_adapter import OAAdapterConfig
 from flower_pae.runlog import RunRecorder
 from flower_pae.server.cache import ActivationCache
-from flower_pae.server.robust import clip_target_norms
+from flower_pae.server.robust import clip_target_norms, disagreeing_devices
 from flower_pae.side_network import LadderSideNetwork, TrainerConfig
 from flower_pae.wire import BASIS, CONFIG, METRICS, REFRESH, UPLOAD, array_record, ids_to_array
 from strategies.pae import PAEStrategy
@@ -571,9 +572,9 @@ def test_the_server_clips_scaled_differences_before_training(tmp_path):
     assert metrics["clipped_targets"] == 4
     # the cache keeps what was uploaded; the clipping applies to what is trained on
     assert strategy_targets_max(defended) > 50
-    _, targets, clipped = defended.training_data(TASK)
+    _, targets, report = defended.training_data(TASK)
     norms = targets.norm(dim=1)
-    assert clipped == 4 and norms.max() <= 3.0 * norms.median() * 1.0001
+    assert report == {"clipped_targets": 4} and norms.max() <= 3.0 * norms.median() * 1.0001
     with pytest.raises(ValueError, match="clip_targets"):
         _strategy(tmp_path, "bad", clip_targets=-1.0)
 
@@ -615,3 +616,121 @@ def test_refresh_of_another_tasks_samples_is_rejected(tmp_path):
     assert "another task" in strategy.rejected[-1]["reason"]
     assert torch.equal(strategy.cache.training_data(TASK)[1], targets)
     assert other not in strategy.tasks and other not in strategy.bases
+
+
+# ---- poisoning: flipped differences against neighbour agreement ---------------------------
+CLASSES = 3
+
+
+def _class_data(node: int, n: int = 6, flip: bool = False) -> tuple[dict, np.ndarray]:
+    """An upload whose samples carry a class: its last layer's pivot states cluster by class
+    and its differences point to the class (``e_y − 1/C`` plus noise); ``flip`` negates them."""
+    rng = np.random.default_rng(node)
+    labels = np.arange(n) % CLASSES
+    centres = np.eye(CLASSES, D, dtype=np.float32) * 4
+    acts = rng.standard_normal((n, LAYERS, D)).astype(np.float32)
+    acts[:, -1] += centres[labels]
+    targets = np.eye(CLASSES, D, dtype=np.float32)[labels] - 1.0 / CLASSES
+    targets = targets + 0.1 * rng.standard_normal((n, D)).astype(np.float32)
+    if flip:
+        targets = -targets
+    arrays = {"ids": ids_to_array(_ids(node, n)), "acts": acts.astype(np.float16)}
+    return {**arrays, "targets": targets.astype(np.float32)}, labels
+
+
+def test_disagreeing_devices_are_the_flipping_ones_and_rotation_does_not_change_them():
+    gen = torch.Generator().manual_seed(0)
+    owners = torch.arange(8).repeat_interleave(10)
+    labels = torch.randint(0, CLASSES, (80,), generator=gen)
+    features = torch.eye(CLASSES, 16)[labels] * 3 + torch.randn(80, 16, generator=gen)
+    targets = torch.eye(CLASSES, D)[labels] - 1 / CLASSES + 0.2 * torch.randn(80, D, generator=gen)
+    assert disagreeing_devices(features, targets, owners, 5) == []
+    flipped = targets.clone()
+    flipped[owners < 3] *= -1  # 3 of 8 devices flip every difference
+    found = disagreeing_devices(features, flipped, owners, 5)
+    assert sorted(found) == [0, 1, 2]
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=torch.float64))
+    assert disagreeing_devices(features, flipped.double() @ q.T, owners, 5) == found
+    with pytest.raises(ValueError, match="neighbours"):
+        disagreeing_devices(features, targets, owners, 0)
+
+
+def test_flipping_devices_are_left_out_of_one_shot_training(tmp_path):
+    honest = [_train_reply(n, _class_data(n)[0]) for n in range(1, 7)]
+    flipping = [_train_reply(n, _class_data(n, flip=True)[0]) for n in (7, 8)]
+    defended = _strategy(tmp_path, "defended", agreement_neighbours=4)
+    _, metrics = defended.aggregate_train(1, [*honest, *flipping])
+    assert metrics["excluded_devices"] == 2 and metrics["excluded_samples"] == 12
+    # the cache keeps what was uploaded; the training is exactly that of the honest devices
+    assert defended.cache.task_size(TASK) == 48
+    clean = _strategy(tmp_path, "clean", agreement_neighbours=4)
+    _, clean_metrics = clean.aggregate_train(1, honest)
+    assert clean_metrics["excluded_devices"] == 0
+    for name, value in clean.net.state_dict().items():
+        assert torch.equal(defended.net.state_dict()[name], value), name
+    undefended = _strategy(tmp_path, "undefended")
+    _, plain = undefended.aggregate_train(1, [*honest, *flipping])
+    assert "excluded_devices" not in plain
+    w2 = "task_sets.0.out.W2"
+    assert not torch.equal(undefended.net.state_dict()[w2], clean.net.state_dict()[w2])
+    with pytest.raises(ValueError, match="agreement_neighbours"):
+        _strategy(tmp_path, "bad", agreement_neighbours=-1)
+
+
+def test_flipping_devices_get_no_refresh_step(tmp_path):
+    strategy = _strategy(tmp_path, refresh_step=4.0, agreement_neighbours=4)
+    replies = [_train_reply(n, _class_data(n, flip=n > 6)[0]) for n in range(1, 9)]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["excluded_devices"] == 2
+    cached = strategy.cache.training_data(TASK)[1]
+    targets = dict(zip(strategy.cache.task_ids(TASK), cached, strict=True))
+    for node in range(1, 9):
+        sent = torch.from_numpy(_class_data(node, flip=node > 6)[0]["targets"])
+        rows = torch.stack([targets[i] for i in _ids(node, 6)])
+        if node > 6:  # no step: the target is the server's own output (zero before training)
+            assert torch.equal(rows, torch.zeros_like(rows))
+        else:
+            torch.testing.assert_close(rows, 4.0 * sent)
+
+
+# ---- the side network's download ----------------------------------------------------------
+class _Nodes:
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_the_evaluation_download_gives_the_devices_the_servers_network(tmp_path, precision):
+    """fp16 halves the weight matrices' bytes; the device's network then predicts as the
+    server's within fp16 rounding, with the server's exact gates and protected directions."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from flower_pae.wire import message_bytes, side_network_from_records
+
+    strategy = _strategy(tmp_path, precision, download_precision=precision)
+    strategy.aggregate_train(1, [_train_reply(n, _class_data(n)[0]) for n in range(1, 5)])
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    (message, _) = strategy.configure_evaluate(2, None, ConfigRecord(), _Nodes())
+    meta, state = side_network_from_records(message.content)
+    device_net = LadderSideNetwork.from_state(meta, state).eval()
+    server = dict(strategy.net.state_dict())
+    for name, value in state.items():
+        matrix = name.endswith(("W1", "W2"))
+        assert value.dtype == (torch.float16 if matrix and precision == "fp16" else torch.float32)
+        if not matrix:
+            assert torch.equal(value.flatten(), server[name].float().flatten()), name
+    acts = strategy.cache.training_data(TASK)[0]
+    with torch.no_grad():
+        expected, got = strategy.net.eval()(acts), device_net(acts)
+    assert expected.abs().max() > 1e-3
+    tol = 2e-3 * float(expected.abs().max()) if precision == "fp16" else 0.0
+    torch.testing.assert_close(got, expected, atol=tol, rtol=0)
+    weights = sum(v.numel() for n, v in server.items() if n.endswith(("W1", "W2")))
+    size = message_bytes(message)
+    fp32 = _strategy(tmp_path, f"{precision}-ref", download_precision="fp32")
+    fp32.aggregate_train(1, [_train_reply(n, _class_data(n)[0]) for n in range(1, 5)])
+    (reference, _) = fp32.configure_evaluate(2, None, ConfigRecord(), _Nodes())
+    saved = message_bytes(reference) - size
+    assert saved == (2 * weights if precision == "fp16" else 0)
+    with pytest.raises(ValueError, match="download_precision"):
+        _strategy(tmp_path, "bad", download_precision="int8")
