@@ -35,7 +35,7 @@ import functools
 import random
 import time
 from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,7 +59,6 @@ __all__ = [
     "DeviceHalf",
     "ServerHalf",
     "SplitDevice",
-    "SplitEvalResult",
     "SplitUpload",
     "pack_states",
     "unpack_states",
@@ -342,13 +341,6 @@ class SplitUpload:
     @property
     def num_samples(self) -> int:
         return int(len(self.arrays["lengths"]))
-
-
-@dataclass
-class SplitEvalResult:
-    """A device's accuracy counts from the server's logits (only counts cross the wire)."""
-
-    tasks: list[TaskEval] = field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=4)
