@@ -19,10 +19,12 @@ from flower_pae.device.availability import DROPOUT_MODES
 # shared adapter (sequential), and two upper bounds: "multitask" trains one shared adapter on
 # everything cached so far (full replay), "oracle" keeps a separate side network per task and
 # is told the task at inference.
-METHODS = ("oa", "olora", "sequential", "multitask", "oracle", "fedavg_lora")
+METHODS = ("oa", "olora", "sequential", "multitask", "oracle", "fedavg_lora", "split_lora")
 # Baselines that are not PAE (their own ClientApp and Strategy): "fedavg_lora" trains LoRA
-# adapters on the devices and averages them (FedAvg, as FlowerTune does).
-BASELINES = ("fedavg_lora",)
+# adapters on the devices and averages them (FedAvg, as FlowerTune does); "split_lora" is
+# split learning: the devices run the first split_layer layers, the server trains the rest
+# with LoRA on their states and labels.
+BASELINES = ("fedavg_lora", "split_lora")
 
 
 class ConfigError(ValueError):
@@ -83,6 +85,9 @@ class RunConfig:
     lora_r: int = 8  # LoRA rank on q_proj, v_proj (lora_alpha = 2·r)
     lora_lr: float = 5e-4  # AdamW step of the device's local training
     local_epochs: int = 1  # local epochs over the device's shard per round
+    # baseline: split learning (method = "split_lora"); lora_r, lora_lr, local_epochs as above,
+    # trained on the server
+    split_layer: int = 15  # the devices run decoder layers 1..split_layer, the server the rest
     # run
     seed: int = 0
     out_dir: str = ""
@@ -127,15 +132,23 @@ class RunConfig:
         if self.lr <= 0 or self.out_lr <= 0 or not 0 <= self.out_momentum < 1:
             raise ConfigError("lr and out_lr must be > 0 and out_momentum in [0, 1)")
         _positive(self, "gate_lr")
-        _positive(self, "lora_r", "lora_lr", "local_epochs")
-        if self.method == "fedavg_lora":
+        _positive(self, "lora_r", "lora_lr", "local_epochs", "split_layer")
+        if self.method in BASELINES:
             from flower_pae.data import resolve_stream
 
             tasks = resolve_stream(self.stream)
             if len(tasks) != 1:
                 raise ConfigError(
-                    f"method 'fedavg_lora' trains a single task; stream {self.stream!r} has "
+                    f"method {self.method!r} trains a single task; stream {self.stream!r} has "
                     f"{len(tasks)} ({', '.join(tasks)}): give one task spec, e.g. cl:agnews"
+                )
+        if self.method == "split_lora":
+            layers = model_layers(self.model)
+            if layers is not None and not self.split_layer < layers:
+                raise ConfigError(
+                    f"split_layer={self.split_layer}: model {self.model!r} has {layers} decoder "
+                    f"layers and each side of the split needs one (1 <= split_layer <= "
+                    f"{layers - 1})"
                 )
         if self.devices_per_round > self.num_devices:
             raise ConfigError(
@@ -185,6 +198,20 @@ class RunConfig:
                 raise ConfigError(f"override {item!r} must look like key=value")
             values[key.strip()] = _parse_value(raw.strip())
         return cls.from_dict(values)
+
+
+def model_layers(model: str) -> int | None:
+    """Decoder layers of ``model`` where its ``config.json`` is on this machine (the default
+    model once converted, or a local directory); None where it is not (checked on load)."""
+    import json
+
+    from flower_pae.backbone import DEFAULT_MODEL, cache_dir
+
+    path = cache_dir() / "models" / DEFAULT_MODEL if model == DEFAULT_MODEL else Path(model)
+    try:
+        return int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _parse_value(raw: str) -> Any:

@@ -1,9 +1,12 @@
-"""The baselines as Flower apps, on the same harness as PAE (``method = "fedavg_lora"``).
+"""The baselines as Flower apps, on the same harness as PAE (``method = "fedavg_lora"`` or
+``"split_lora"``).
 
 :func:`make_fedavg_lora_client_app` routes messages to
 :class:`flower_pae.baselines.fedavg_lora.LoRADevice`; :func:`make_fedavg_lora_server_app`
-runs :class:`strategies.fedavg_lora.FedAvgLoRAStrategy`. ``simulations.cli.simulate`` picks
-them for that method; everything else (Ray, devices, data, the run directory) is PAE's.
+runs :class:`strategies.fedavg_lora.FedAvgLoRAStrategy`. The split-learning pair routes to
+:class:`flower_pae.baselines.split_lora.SplitDevice` and runs
+:class:`strategies.split_lora.SplitLoRAStrategy`. ``simulations.cli.simulate`` picks them by
+method (:func:`baseline_apps`); everything else (Ray, devices, data, the run directory) is PAE's.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import json
 from logging import INFO
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -25,10 +28,10 @@ _DEVICES: dict = {}
 _ZERO_SHOT = "lora_zero_shot"  # Context.state: the frozen backbone's correct counts per task
 
 
-def _settings(cfg: RunConfig | None, context: Context) -> RunConfig:
+def _settings(cfg: RunConfig | None, context: Context, method: str = "fedavg_lora") -> RunConfig:
     cfg = cfg if cfg is not None else RunConfig.from_dict(dict(context.run_config))
-    if cfg.method != "fedavg_lora":
-        raise ConfigError(f"the FedAvg + LoRA apps need method='fedavg_lora', got {cfg.method!r}")
+    if cfg.method != method:
+        raise ConfigError(f"the {method} apps need method={method!r}, got {cfg.method!r}")
     return cfg
 
 
@@ -143,3 +146,138 @@ def fedavg_lora_apps(cfg: RunConfig) -> tuple[ServerApp, ClientApp]:
     if cfg.resume:
         raise ConfigError("resume is not supported with method='fedavg_lora' (no checkpoints)")
     return make_fedavg_lora_server_app(cfg), make_fedavg_lora_client_app(cfg)
+
+
+# ---- split learning + LoRA -------------------------------------------------------------------
+
+
+def _split_device(cfg: RunConfig, context: Context):
+    """One SplitDevice per (settings, partition) per process; its half loads once per actor."""
+    from flower_pae.baselines.split_lora import SplitDevice
+
+    pid = int(context.node_config["partition-id"])
+    key = ("split", json.dumps(cfg.to_dict(), sort_keys=True), pid)
+    if key not in _DEVICES:
+        _DEVICES[key] = SplitDevice(cfg, pid)
+    return _DEVICES[key]
+
+
+def _states_reply(msg: Message, upload, metrics: dict) -> Message:
+    from strategies.split_lora import STATES
+
+    content = RecordDict(
+        {
+            STATES: array_record(upload.arrays),
+            METRICS: MetricRecord({"num-examples": upload.num_samples, **metrics}),
+            CONFIG: ConfigRecord(
+                {"task_key": upload.task_key, "label_words": list(upload.label_words)}
+            ),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def make_split_lora_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """A ClientApp of split-learning devices, with fixed settings or Flower's run config."""
+    from strategies.split_lora import LOGITS
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        device = _split_device(_settings(cfg, context, "split_lora"), context)
+        server_round = int(msg.content[CONFIG]["server-round"])
+        upload = device.train_upload(server_round)
+        log(
+            INFO,
+            "device %d, round %d: layers 1..%d on %d samples in %.1fs (%.0f MB peak)",
+            device.partition_id,
+            server_round,
+            device.cfg.split_layer,
+            upload.num_samples,
+            upload.seconds,
+            upload.peak_rss_mb,
+        )
+        metrics = {
+            "forward_seconds": upload.seconds,
+            "peak_rss_mb": upload.peak_rss_mb,
+            "tokens": upload.tokens,
+            "flops": upload.flops,
+        }
+        return _states_reply(msg, upload, metrics)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        device = _split_device(_settings(cfg, context, "split_lora"), context)
+        upload = device.eval_upload(int(msg.content[CONFIG]["server-round"]))
+        return _states_reply(
+            msg, upload, {"eval_seconds": upload.seconds, "eval_flops": upload.flops}
+        )
+
+    @app.evaluate("scores")
+    def scores(msg: Message, context: Context) -> Message:
+        device = _split_device(_settings(cfg, context, "split_lora"), context)
+        server_round = int(msg.content[CONFIG]["server-round"])
+        if _ZERO_SHOT not in context.state:
+            context.state[_ZERO_SHOT] = MetricRecord()
+        arrays = {k: v.numpy() for k, v in msg.content[LOGITS].items()}
+        tasks = device.evaluate(
+            server_round, arrays["logits"], arrays.get("zero_shot"), context.state[_ZERO_SHOT]
+        )
+        metrics: dict[str, int] = {"num-examples": sum(t.total for t in tasks)}
+        for t in tasks:
+            metrics[f"{t.task_key}/correct"] = t.correct
+            metrics[f"{t.task_key}/zero_shot_correct"] = t.zero_shot_correct
+            metrics[f"{t.task_key}/total"] = t.total
+        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def run_split_lora_server(grid: Grid, cfg: RunConfig):
+    """Run split learning for ``rounds_per_task`` rounds and write the run directory."""
+    from flower_pae.baselines.split_lora import ServerHalf
+    from simulations.server_app import num_rounds, run_dir, torch_threads
+    from strategies.split_lora import SplitLoRAStrategy
+
+    out = run_dir(cfg)
+    recorder = RunRecorder(out, cfg.to_dict(), record_wire=cfg.record_wire)
+    with torch_threads(cfg.server_threads):
+        server = ServerHalf(cfg.model, cfg.split_layer, cfg.lora_r, cfg.lora_lr, cfg.seed)
+        strategy = SplitLoRAStrategy(
+            recorder,
+            server,
+            num_devices=cfg.num_devices,
+            devices_per_round=cfg.devices_per_round,
+            fraction_evaluate=cfg.fraction_evaluate,
+            local_epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+        )
+        strategy.start(grid, ArrayRecord(), num_rounds=num_rounds(cfg), timeout=cfg.timeout)
+    return strategy
+
+
+def make_split_lora_server_app(cfg: RunConfig | None = None) -> ServerApp:
+    """A ServerApp running :class:`SplitLoRAStrategy`, with fixed settings or the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_split_lora_server(grid, _settings(cfg, context, "split_lora"))
+
+    return app
+
+
+def split_lora_apps(cfg: RunConfig) -> tuple[ServerApp, ClientApp]:
+    """The (ServerApp, ClientApp) pair of split learning for a simulation with ``cfg``."""
+    if cfg.resume:
+        raise ConfigError("resume is not supported with method='split_lora' (no checkpoints)")
+    return make_split_lora_server_app(cfg), make_split_lora_client_app(cfg)
+
+
+def baseline_apps(cfg: RunConfig) -> tuple[ServerApp, ClientApp]:
+    """The apps of the baseline ``cfg.method`` (one of :data:`flower_pae.config.BASELINES`)."""
+    pick = {"fedavg_lora": fedavg_lora_apps, "split_lora": split_lora_apps}
+    if cfg.method not in pick:
+        raise ConfigError(f"method {cfg.method!r} is not a baseline; those are {sorted(pick)}")
+    return pick[cfg.method](cfg)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flower_pae.config import ConfigError, RunConfig
+from flower_pae.config import BASELINES, ConfigError, RunConfig
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -56,7 +56,8 @@ def simulate(
     server_app, client_app : ServerApp, ClientApp, optional
         Other apps with the same settings and Ray setup (the scalability study's empty
         ClientApp); by default the PAE apps of :mod:`simulations`, or the baseline's apps
-        of :mod:`simulations.baseline_apps` for ``method = "fedavg_lora"``.
+        of :mod:`simulations.baseline_apps` for a baseline method (``fedavg_lora``,
+        ``split_lora``).
 
     Returns
     -------
@@ -70,10 +71,10 @@ def simulate(
     from simulations.scale import seeded_flower_ids
     from simulations.server_app import check_resumable, make_server_app
 
-    if cfg.method == "fedavg_lora" and server_app is None and client_app is None:
-        from simulations.baseline_apps import fedavg_lora_apps
+    if cfg.method in BASELINES and server_app is None and client_app is None:
+        from simulations.baseline_apps import baseline_apps
 
-        server_app, client_app = fedavg_lora_apps(cfg)
+        server_app, client_app = baseline_apps(cfg)
     out.mkdir(parents=True, exist_ok=True)
     cfg.out_dir = str(out.resolve())
     if cfg.resume:
