@@ -80,6 +80,7 @@ class RunConfig:
     clip_targets: float = 0.0  # poisoning defence: clip target norms at k × the median (0: off)
     agreement_neighbours: int = 0  # poisoning defence: drop devices that disagree with k nearest
     download_precision: str = "fp16"  # side network's weight matrices to evaluating devices
+    keep_activations: bool = True  # False: the "no cache" ablation (uploads every round)
     max_upload_mb: float = 512.0  # a larger upload (or refresh) record is rejected unread
     # baseline: FedAvg + LoRA (method = "fedavg_lora"), trained on the devices
     lora_r: int = 8  # LoRA rank on q_proj, v_proj (lora_alpha = 2·r)
@@ -115,6 +116,10 @@ class RunConfig:
         _choice(self, "partition", ("iid", "dirichlet"))
         _choice(self, "precision", ("fp16", "int8"))
         _choice(self, "download_precision", ("fp16", "fp32"))
+        if not self.keep_activations and self.refresh_step:
+            raise ConfigError(
+                "keep_activations=false (no cache) needs one-shot differences: set refresh_step=0"
+            )
         _choice(self, "method", METHODS)
         _choice(self, "dropout_mode", DROPOUT_MODES)
         if not 0.0 <= self.dropout < 1.0:

@@ -140,6 +140,11 @@ class PAEStrategy(Strategy):
         (:func:`~flower_pae.server.robust.disagreeing_devices`). One-shot: on each task's
         cached differences; refresh phase: on the round's gradients (an excluded device's
         samples get no step). Cosines survive the rotation, so masked training stays exact.
+    keep_activations : bool
+        ``False`` is the "no cache" ablation: after each round's training the server forgets
+        the samples (activations, targets, which device holds what), so devices forward and
+        upload every sample again every round. One-shot differences only (the refresh phase
+        needs the server's outputs for the samples it holds).
     download_precision : {"fp16", "fp32"}
         How the side network's weight matrices travel to evaluating devices: ``"fp16"``
         halves the download (the device computes in float32; gates, thresholds, the
@@ -175,6 +180,7 @@ class PAEStrategy(Strategy):
         clip_targets: float = 0.0,
         agreement_neighbours: int = 0,
         download_precision: str = "fp16",
+        keep_activations: bool = True,
         max_upload_samples: int = MAX_SAMPLES_PER_UPLOAD,
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
         checkpoint_dir: Path | None = None,
@@ -187,6 +193,8 @@ class PAEStrategy(Strategy):
             raise ValueError(f"clip_targets must be >= 0, got {clip_targets}")
         if download_precision not in ("fp16", "fp32"):
             raise ValueError(f"download_precision must be fp16 or fp32, got {download_precision!r}")
+        if not keep_activations and refresh_step:
+            raise ValueError("keep_activations=False needs one-shot differences (refresh_step=0)")
         if agreement_neighbours < 0:
             raise ValueError(f"agreement_neighbours must be >= 0, got {agreement_neighbours}")
         if checkpoint_every < 0 or stop_after < 0:
@@ -199,6 +207,7 @@ class PAEStrategy(Strategy):
         self.clip_targets = clip_targets
         self.agreement_neighbours = agreement_neighbours
         self.download_precision = download_precision
+        self.keep_activations = keep_activations
         self.max_upload_samples = max_upload_samples
         self.max_upload_bytes = max_upload_bytes
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -372,7 +381,16 @@ class PAEStrategy(Strategy):
             self.recorder.metric(server_round, name, value, task=current)
         for name, value in self.cache.stats.as_dict().items():
             self.recorder.metric(server_round, f"cache_{name}", value)
+        if not self.keep_activations:
+            self.forget_samples()
         return None, MetricRecord(metrics)
+
+    def forget_samples(self) -> None:
+        """The "no cache" ablation: drop every cached sample and what devices are known to
+        hold, so the next round's devices upload all of theirs again."""
+        self.cache.clear()
+        self.held.clear()
+        self.uploader.clear()
 
     def agreed_shape(self, replies: list[Message]) -> tuple[int, int] | None:
         """The activation shape most of this call's uploads declare, while none is fixed.

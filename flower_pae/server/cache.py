@@ -30,6 +30,7 @@ class _Block:
     arrays: dict[str, np.ndarray] | None  # None once spilled
     path: Path | None = None
     version: int = 0  # bumped when its targets change (refresh), so checkpoints rewrite it
+    serial: int = 0  # unique over the cache's life (also across clear()): names its files
 
 
 @dataclass
@@ -60,6 +61,7 @@ class ActivationCache:
         self._where: dict[bytes, tuple[int, int]] = {}  # id -> (block, row)
         self._blocks: list[_Block] = []
         self._next_spill = 0
+        self._next_block = 0
         self._checkpointed: dict[int, tuple[int, str]] = {}  # block -> (version, file name)
 
     def __contains__(self, sample_id: bytes) -> bool:
@@ -87,7 +89,9 @@ class ActivationCache:
             self._ids[i] = task_key
             self._where[i] = (len(self._blocks), row)
         nbytes = sum(v.nbytes for v in block_arrays.values())
-        self._blocks.append(_Block(task_key, int(keep.sum()), nbytes, block_arrays))
+        block = _Block(task_key, int(keep.sum()), nbytes, block_arrays, serial=self._next_block)
+        self._next_block += 1
+        self._blocks.append(block)
         self.stats.samples += int(keep.sum())
         self.stats.bytes_in_memory += nbytes
         self._spill_to_cap()
@@ -188,7 +192,7 @@ class ActivationCache:
         for index, block in enumerate(self._blocks):
             saved = self._checkpointed.get(index)
             if saved is None or saved[0] != block.version:
-                name = f"block-{index:06d}-v{block.version}.npz"
+                name = f"block-{block.serial:06d}-v{block.version}.npz"
                 tmp = directory / f".{name}.tmp"
                 if block.arrays is not None:
                     with open(tmp, "wb") as fh:
@@ -203,11 +207,17 @@ class ActivationCache:
                     "num_samples": block.num_samples,
                     "nbytes": block.nbytes,
                     "version": block.version,
+                    "serial": block.serial,
                     "file": self._checkpointed[index][1],
                     "spill": block.path.name if block.arrays is None else None,
                 }
             )
-        return {"blocks": blocks, "stats": self.stats.as_dict(), "next_spill": self._next_spill}
+        return {
+            "blocks": blocks,
+            "stats": self.stats.as_dict(),
+            "next_spill": self._next_spill,
+            "next_block": self._next_block,
+        }
 
     def prune_checkpoint(self, directory: Path) -> None:
         """Remove block files of ``directory`` that the last :meth:`checkpoint` superseded."""
@@ -231,6 +241,7 @@ class ActivationCache:
                 raise FileNotFoundError(f"checkpoint block {source} is missing")
             block = _Block(entry["task_key"], int(entry["num_samples"]), int(entry["nbytes"]), None)
             block.version = int(entry["version"])
+            block.serial = int(entry["serial"])
             with np.load(source) as data:
                 if entry["spill"] is None:
                     block.arrays = {k: data[k] for k in data.files}
@@ -248,3 +259,18 @@ class ActivationCache:
             self._checkpointed[number] = (block.version, entry["file"])
         self.stats = CacheStats(**index["stats"])
         self._next_spill = int(index["next_spill"])
+        self._next_block = int(index["next_block"])
+
+    def clear(self) -> None:
+        """Forget every sample (the "no cache" ablation: the server keeps no activations from
+        one round to the next). Spill files go; the cumulative counters stay."""
+        for block in self._blocks:
+            if block.path is not None:
+                block.path.unlink(missing_ok=True)
+        self._ids.clear()
+        self._where.clear()
+        self._blocks.clear()
+        self._checkpointed.clear()
+        self.stats.samples = 0
+        self.stats.bytes_in_memory = 0
+        self.stats.bytes_on_disk = 0
