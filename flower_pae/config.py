@@ -19,12 +19,23 @@ from flower_pae.device.availability import DROPOUT_MODES
 # shared adapter (sequential), and two upper bounds: "multitask" trains one shared adapter on
 # everything cached so far (full replay), "oracle" keeps a separate side network per task and
 # is told the task at inference.
-METHODS = ("oa", "olora", "sequential", "multitask", "oracle", "fedavg_lora", "split_lora")
+METHODS = (
+    "oa",
+    "olora",
+    "sequential",
+    "multitask",
+    "oracle",
+    "fedavg_lora",
+    "split_lora",
+    "mobillm",
+)
 # Baselines that are not PAE (their own ClientApp and Strategy): "fedavg_lora" trains LoRA
 # adapters on the devices and averages them (FedAvg, as FlowerTune does); "split_lora" is
 # split learning: the devices run the first split_layer layers, the server trains the rest
-# with LoRA on their states and labels.
-BASELINES = ("fedavg_lora", "split_lora")
+# with LoRA on their states and labels; "mobillm" is MobiLLM-style side tuning: the devices
+# run the frozen backbone and upload every token's states of the selected layers (and the
+# labels) every round, the server trains a ladder side network on them.
+BASELINES = ("fedavg_lora", "split_lora", "mobillm")
 
 
 class ConfigError(ValueError):
@@ -89,6 +100,9 @@ class RunConfig:
     # baseline: split learning (method = "split_lora"); lora_r, lora_lr, local_epochs as above,
     # trained on the server
     split_layer: int = 15  # the devices run decoder layers 1..split_layer, the server the rest
+    # baseline: MobiLLM-style side tuning (method = "mobillm") reads layers, precision (the
+    # states' upload), batch_size (device forward and server mini-batch), lr (the side
+    # network's AdamW step) and local_epochs (server epochs per round); no setting of its own
     # run
     seed: int = 0
     out_dir: str = ""
@@ -155,10 +169,27 @@ class RunConfig:
                     f"layers and each side of the split needs one (1 <= split_layer <= "
                     f"{layers - 1})"
                 )
+        if self.method == "mobillm":
+            self._check_mobillm_layers()
         if self.devices_per_round > self.num_devices:
             raise ConfigError(
                 f"devices_per_round={self.devices_per_round} exceeds num_devices={self.num_devices}"
             )
+
+    def _check_mobillm_layers(self) -> None:
+        """``layers`` against the model's decoder layers, where its config is on this machine
+        (the devices and the server parse it again on load)."""
+        from flower_pae.backbone import select_layers
+
+        layers = model_layers(self.model)
+        try:
+            select_layers(self.layers, layers if layers is not None else 10**6)
+        except ValueError as err:
+            model = f"model {self.model!r} ({layers} decoder layers)" if layers else "the model"
+            raise ConfigError(
+                f"method 'mobillm' uploads the states of the backbone layers in `layers`; "
+                f"{err} for {model}, got layers={self.layers!r}"
+            ) from err
 
     # ---- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

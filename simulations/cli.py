@@ -57,7 +57,7 @@ def simulate(
         Other apps with the same settings and Ray setup (the scalability study's empty
         ClientApp); by default the PAE apps of :mod:`simulations`, or the baseline's apps
         of :mod:`simulations.baseline_apps` for a baseline method (``fedavg_lora``,
-        ``split_lora``).
+        ``split_lora``, ``mobillm``).
 
     Returns
     -------

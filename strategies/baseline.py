@@ -3,8 +3,8 @@
 :class:`BaselineRun` records every message (both directions, Flower-serialized size) and the
 devices' cost figures through the :class:`~flower_pae.runlog.RunRecorder`, sums evaluation
 counts into accuracies, and writes the ``summary.json`` keys ``analysis`` reads. Used by
-:class:`strategies.fedavg_lora.FedAvgLoRAStrategy` and
-:class:`strategies.split_lora.SplitLoRAStrategy`.
+:class:`strategies.fedavg_lora.FedAvgLoRAStrategy`,
+:class:`strategies.split_lora.SplitLoRAStrategy` and :class:`strategies.mobillm.MobiLLMStrategy`.
 """
 
 from __future__ import annotations

@@ -5,4 +5,7 @@
 - :mod:`flower_pae.baselines.split_lora`: split learning, the device's first ``split_layer``
   layers (frozen) and the server's rest with LoRA, trained on the states and labels the
   devices send.
+- :mod:`flower_pae.baselines.mobillm`: MobiLLM-style side tuning, the device's frozen
+  backbone forwards (every token's states of the selected layers, every round, labels in
+  clear) and the server's ladder side network trained on them.
 """
