@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 
 from flower_pae.backbone import DEFAULT_MODEL, cache_dir, load_backbone, select_layers
 from flower_pae.config import RunConfig
@@ -108,6 +108,16 @@ def poison(
     return out
 
 
+def training_reply(node: int, upload: dict, **records: ArrayRecord) -> Message:
+    """A training reply of device ``node`` as the server's grid hands it over: its upload, the
+    benchmark's one task key and any further ``records`` (basis, refresh)."""
+    content = RecordDict(
+        {UPLOAD: array_record(upload), CONFIG: ConfigRecord({"task_key": "0" * 16}), **records}
+    )
+    meta = Metadata(1, f"m{node}", node, 0, "q", "", 0.0, 60.0, "train")
+    return Message(content, metadata=meta)
+
+
 def device_replies(
     data: dict, targets: torch.Tensor, shards: list[list[int]], q: torch.Tensor
 ) -> list[Message]:
@@ -122,18 +132,9 @@ def device_replies(
             "acts": acts[shard].half().numpy(),
             "targets": mask(targets[shard], q).numpy(),
         }
-        content = RecordDict(
-            {
-                UPLOAD: array_record(arrays),
-                CONFIG: ConfigRecord({"task_key": "0" * 16}),
-                # the targets as their d coordinates: the identity basis (C = d)
-                BASIS: array_record(
-                    {"basis": np.eye(arrays["targets"].shape[1], dtype=np.float32)}
-                ),
-            }
-        )
-        meta = Metadata(1, f"m{node}", node, 0, "q", "", 0.0, 60.0, "train")
-        replies.append(Message(content, metadata=meta))
+        # the targets as their d coordinates: the identity basis (C = d)
+        basis = array_record({"basis": np.eye(arrays["targets"].shape[1], dtype=np.float32)})
+        replies.append(training_reply(node, arrays, **{BASIS: basis}))
     return replies
 
 
@@ -165,15 +166,7 @@ def refresh_replies(
         empty = encode_activations(torch.zeros(0, layers, d), "fp16")
         empty.update(ids=ids_to_array([]), targets=np.zeros((0, d), np.float32))
         refresh = {"ids": ids_to_array(ids), "targets": mask(grads, q).numpy()}
-        content = RecordDict(
-            {
-                UPLOAD: array_record(empty),
-                CONFIG: ConfigRecord({"task_key": "0" * 16}),
-                REFRESH: array_record(refresh),
-            }
-        )
-        meta = Metadata(1, f"m{node}", node, 0, "q", "", 0.0, 60.0, "train")
-        replies.append(Message(content, metadata=meta))
+        replies.append(training_reply(node, empty, **{REFRESH: array_record(refresh)}))
     return replies
 
 
