@@ -33,6 +33,7 @@ from flower_pae.device.shortcut import build_prompt, label_rows, pivot_features
 from flower_pae.device.store import ActivationStore
 from flower_pae.oa_adapter import OAAdapterConfig
 from flower_pae.side_network import LadderSideNetwork, SideNetworkTrainer, TrainerConfig
+from flower_pae.wire import decode_activations, encode_activations
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Setting:
     lr: float = 3e-4
     out_lr: float = 0.05
     weight_decay: float = 0.0
+    last: int = 0  # 0: every layer's pivot state; K: only the last K layers'
+    precision: str = "fp16"  # as uploaded: "fp16" or "int8" (one scale per layer)
 
     @property
     def space(self) -> str:
@@ -67,6 +70,21 @@ GRID = [
     Setting(refresh=30, epochs=1, eta=4.0, out_lr=0.1),
     Setting(refresh=30, epochs=1, eta=4.0, weight_decay=1e-3),
 ]
+
+# Second grid (2026-11-26): L2 decay on the refresh phase, with larger steps and more rounds.
+DECAY_GRID = [
+    Setting(refresh=rr, epochs=1, eta=eta, weight_decay=wd)
+    for rr in (30, 60)
+    for eta in (4.0, 8.0, 16.0)
+    for wd in (0.0, 0.01, 0.03, 0.1)
+]
+# Third grid: the decay grid's choice with fewer layers and int8 pivot states (fewer bytes).
+COMPACT_GRID = [
+    Setting(refresh=30, epochs=1, eta=8.0, weight_decay=0.03, last=k, precision=p)
+    for k in (1, 2, 4, 8, 15, 0)
+    for p in ("fp16", "int8")
+]
+GRIDS = {"main": GRID, "decay": DECAY_GRID, "compact": COMPACT_GRID}
 
 _DATA: dict = {}
 
@@ -106,6 +124,13 @@ def _subset(split: dict, index: torch.Tensor) -> dict:
     return {k: v[index] for k, v in split.items()}
 
 
+def _as_uploaded(split: dict, s: Setting) -> dict:
+    """The pivot states the server would hold under ``s``: its layers, its precision."""
+    acts = split["acts"][:, -s.last :] if s.last else split["acts"]
+    acts = decode_activations(encode_activations(acts, s.precision))
+    return {**split, "acts": acts}
+
+
 def fit_and_score(train: dict, evaluate: dict, rows: torch.Tensor, s: Setting) -> float:
     """Train as the server would (one-shot or refresh rounds); accuracy on ``evaluate``."""
     torch.manual_seed(0)
@@ -137,7 +162,8 @@ def fit_and_score(train: dict, evaluate: dict, rows: torch.Tensor, s: Setting) -
 
 def _job(s: Setting) -> dict:
     torch.set_num_threads(1)
-    data, train = _DATA["data"], _DATA["data"]["train"]
+    data = _DATA["data"]
+    train, test = _as_uploaded(data["train"], s), _as_uploaded(data["test"], s)
     n = len(train["labels"])
     folds = torch.randperm(n, generator=torch.Generator().manual_seed(0)).chunk(3)
     start = time.perf_counter()
@@ -145,7 +171,7 @@ def _job(s: Setting) -> dict:
     for i, fold in enumerate(folds):
         rest = torch.cat([f for j, f in enumerate(folds) if j != i])
         cv.append(fit_and_score(_subset(train, rest), _subset(train, fold), data["rows"], s))
-    test = fit_and_score(train, data["test"], data["rows"], s)
+    test = fit_and_score(train, test, data["rows"], s)
     return {
         **s.__dict__,
         "cv": round(sum(cv) / len(cv), 4),
@@ -173,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         "--features", default=None, help="features file: loaded if it exists, else written"
     )
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--grid", choices=sorted(GRIDS), default="main", help="which settings to try")
     p.add_argument("--out", required=True, help="JSON-lines file, one setting per line")
     args = p.parse_args(argv)
     if args.features and Path(args.features).is_file():
@@ -185,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         data[split]["acts"] = data[split]["acts"].float()
     results = []
     with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(data,)) as pool:
-        for res in pool.map(_job, GRID):
+        for res in pool.map(_job, GRIDS[args.grid]):
             print(json.dumps(res), flush=True)
             results.append(res)
     with open(args.out, "w") as f:
