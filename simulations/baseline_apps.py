@@ -345,7 +345,7 @@ def make_mobillm_client_app(cfg: RunConfig | None = None) -> ClientApp:
         device = _mobillm_device(_settings(cfg, context, "mobillm"), context)
         server_round = int(msg.content[CONFIG]["server-round"])
         logits = msg.content[LOGITS]["logits"].numpy()
-        tasks = device.evaluate(server_round, logits, _zero_shot_state(context))
+        tasks = device.evaluate(server_round, logits, zero_shot=_zero_shot_state(context))
         metrics: dict[str, int] = {"num-examples": sum(t.total for t in tasks)}
         for t in tasks:
             metrics[f"{t.task_key}/correct"] = t.correct
