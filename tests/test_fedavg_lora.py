@@ -210,11 +210,11 @@ def test_fedavg_lora_refuses_a_task_stream():
 
 
 def test_fedavg_lora_cannot_resume(tmp_path):
-    from simulations.baseline_apps import fedavg_lora_apps
+    from simulations.baseline_apps import baseline_apps
 
     cfg = RunConfig(method="fedavg_lora", stream="pypi:bbc", resume=True)
     with pytest.raises(ConfigError, match="resume"):
-        fedavg_lora_apps(cfg)
+        baseline_apps(cfg)
 
 
 def test_pae_device_reports_the_forward_flops_of_its_new_samples(tiny_model_dir):

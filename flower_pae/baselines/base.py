@@ -78,7 +78,8 @@ class StatesDevice(BaselineDevice):
     """A device that only forwards: the server trains, on the states and labels it uploads.
 
     Every round it forwards its whole shard again (no cache). Subclasses give the prompts
-    (:meth:`_prompts`), the forward (:meth:`_states`) and its matmul weights (:attr:`params`).
+    (:meth:`_prompts`), the forward (:meth:`_states`), its matmul weights (:attr:`params`)
+    and its log line (:meth:`describe`).
     """
 
     @property
@@ -92,6 +93,10 @@ class StatesDevice(BaselineDevice):
 
     def _states(self, prompts: Sequence[str]) -> tuple[dict[str, np.ndarray], int]:
         """The forward of ``prompts``: the arrays to upload and the prompt tokens processed."""
+        raise NotImplementedError
+
+    def describe(self, upload: StatesUpload) -> str:
+        """What a training forward did, for the ClientApp's log line."""
         raise NotImplementedError
 
     def _forward(self, index: int, split: str) -> StatesUpload:

@@ -396,6 +396,12 @@ class MobiLLMDevice(StatesDevice):
         cfg = self.cfg
         return sequence_states(self.backbone, prompts, self.layers, cfg.batch_size, cfg.precision)
 
+    def describe(self, upload: MobiLLMUpload) -> str:
+        return (
+            f"{len(self.layers)} layers' states of {upload.num_samples} samples "
+            f"({upload.tokens} tokens)"
+        )
+
     def eval_upload(
         self, server_round: int, zero_shot: MutableMapping[str, int] | None = None
     ) -> MobiLLMUpload:

@@ -349,3 +349,6 @@ class SplitDevice(StatesDevice):
 
     def _states(self, prompts: Sequence[str]) -> tuple[dict[str, np.ndarray], int]:
         return self.half.states(prompts, self.cfg.batch_size)
+
+    def describe(self, upload: SplitUpload) -> str:
+        return f"layers 1..{self.cfg.split_layer} on {upload.num_samples} samples"
