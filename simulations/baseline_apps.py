@@ -71,6 +71,20 @@ def _counts_reply(msg: Message, tasks: list[TaskEval], metrics: dict[str, float]
     return Message(RecordDict({METRICS: MetricRecord(out)}), reply_to=msg)
 
 
+def _sampling(cfg: RunConfig) -> dict[str, Any]:
+    """Every baseline strategy's settings: the devices, and who trains and evaluates."""
+    return {
+        "num_devices": cfg.num_devices,
+        "devices_per_round": cfg.devices_per_round,
+        "fraction_evaluate": cfg.fraction_evaluate,
+    }
+
+
+def _server_training(cfg: RunConfig) -> dict[str, Any]:
+    """... and those of a strategy whose server trains (split learning, MobiLLM)."""
+    return {**_sampling(cfg), "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size}
+
+
 def make_apps(
     method: str,
     strategy: StrategyBuilder,
@@ -170,12 +184,7 @@ def _fedavg_lora_strategy(cfg: RunConfig, recorder: RunRecorder) -> tuple[Strate
     from flower_pae.baselines.fedavg_lora import initial_adapter
     from strategies.fedavg_lora import FedAvgLoRAStrategy
 
-    strategy = FedAvgLoRAStrategy(
-        recorder,
-        num_devices=cfg.num_devices,
-        devices_per_round=cfg.devices_per_round,
-        fraction_evaluate=cfg.fraction_evaluate,
-    )
+    strategy = FedAvgLoRAStrategy(recorder, **_sampling(cfg))
     return strategy, array_record(initial_adapter(cfg))
 
 
@@ -243,16 +252,7 @@ def _split_lora_strategy(cfg: RunConfig, recorder: RunRecorder) -> tuple[Strateg
     from strategies.split_lora import SplitLoRAStrategy
 
     server = ServerHalf(cfg.model, cfg.split_layer, cfg.lora_r, cfg.lora_lr, cfg.seed)
-    strategy = SplitLoRAStrategy(
-        recorder,
-        server,
-        num_devices=cfg.num_devices,
-        devices_per_round=cfg.devices_per_round,
-        fraction_evaluate=cfg.fraction_evaluate,
-        local_epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-    )
-    return strategy, ArrayRecord()
+    return SplitLoRAStrategy(recorder, server, **_server_training(cfg)), ArrayRecord()
 
 
 def _mobillm_device(cfg: RunConfig, partition_id: int) -> Any:
@@ -267,14 +267,7 @@ def _mobillm_strategy(cfg: RunConfig, recorder: RunRecorder) -> tuple[Strategy, 
 
     server = SideServer(cfg.model, cfg.layers, cfg.lr, cfg.seed)
     strategy = MobiLLMStrategy(
-        recorder,
-        server,
-        num_devices=cfg.num_devices,
-        devices_per_round=cfg.devices_per_round,
-        fraction_evaluate=cfg.fraction_evaluate,
-        local_epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        max_upload_mb=cfg.max_upload_mb,
+        recorder, server, max_upload_mb=cfg.max_upload_mb, **_server_training(cfg)
     )
     return strategy, ArrayRecord()
 

@@ -224,7 +224,7 @@ def task_key(reply: Message) -> str:
     return str(reply.content[CONFIG].get("task_key", ""))
 
 
-# ---- decoding a states upload ----------------------------------------------------------------
+# ---- decoding a states upload --------------------------------------------------------------------
 
 
 def read_states(reply: Message, max_bytes: float = float("inf")) -> dict[str, np.ndarray]:
@@ -275,7 +275,7 @@ def labelled_upload(reply: Message, arrays: dict[str, np.ndarray], train: bool) 
     return StatesUpload(task_key=task_key(reply), label_words=list(words), arrays=arrays)
 
 
-# ---- the flow of server training on uploaded states --------------------------------------
+# ---- the flow of server training on uploaded states ----------------------------------------------
 
 
 class StatesServer(Protocol):
