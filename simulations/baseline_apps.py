@@ -1,67 +1,142 @@
 """The baselines as Flower apps, on the same harness as PAE (``method = "fedavg_lora"``,
 ``"split_lora"`` or ``"mobillm"``).
 
-:func:`make_fedavg_lora_client_app` routes messages to
-:class:`flower_pae.baselines.fedavg_lora.LoRADevice`; :func:`make_fedavg_lora_server_app`
-runs :class:`strategies.fedavg_lora.FedAvgLoRAStrategy`. The split-learning pair routes to
-:class:`flower_pae.baselines.split_lora.SplitDevice` and runs
-:class:`strategies.split_lora.SplitLoRAStrategy`; MobiLLM's pair routes to
-:class:`flower_pae.baselines.mobillm.MobiLLMDevice` and runs
-:class:`strategies.mobillm.MobiLLMStrategy` (the same messages as split learning).
-``simulations.cli.simulate`` picks them by
-method (:func:`baseline_apps`); everything else (Ray, devices, data, the run directory) is PAE's.
+:func:`make_apps` builds a baseline's (ServerApp, ClientApp) pair from its builders: the
+strategy (:data:`StrategyBuilder`), the device (:data:`DeviceBuilder`) and the ClientApp's
+handlers. FedAvg + LoRA routes messages to :class:`flower_pae.baselines.fedavg_lora.LoRADevice`
+and runs :class:`strategies.fedavg_lora.FedAvgLoRAStrategy`; split learning and MobiLLM (the
+same messages) route to :class:`flower_pae.baselines.split_lora.SplitDevice` or
+:class:`flower_pae.baselines.mobillm.MobiLLMDevice` and run
+:class:`strategies.split_lora.SplitLoRAStrategy` or :class:`strategies.mobillm.MobiLLMStrategy`.
+``simulations.cli.simulate`` picks them by method (:func:`baseline_apps`); everything else
+(Ray, devices, data, the run directory) is PAE's.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from logging import INFO
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
+from flower_pae.baselines.base import StatesUpload
 from flower_pae.config import ConfigError, RunConfig
+from flower_pae.device.device import TaskEval
 from flower_pae.runlog import RunRecorder
 from flower_pae.wire import array_record
-from strategies.fedavg_lora import ADAPTER, CONFIG, METRICS, FedAvgLoRAStrategy
+from strategies.baseline import CONFIG, LOGITS, METRICS, STATES
+from strategies.fedavg_lora import ADAPTER
+
+DeviceBuilder = Callable[[RunConfig, int], Any]
+"""A baseline's device for (settings, partition id)."""
+StrategyBuilder = Callable[[RunConfig, RunRecorder], tuple[Strategy, ArrayRecord]]
+"""A baseline's strategy and its initial arrays (built under the server's torch threads)."""
+Handlers = Callable[[ClientApp, Callable[[Context], Any]], None]
+"""Registers a baseline's message handlers on a ClientApp, given the device of a context."""
 
 _DEVICES: dict = {}
-_ZERO_SHOT = "lora_zero_shot"  # Context.state: the frozen backbone's correct counts per task
+_ZERO_SHOT = "baseline_zero_shot"  # Context.state: the frozen backbone's correct counts per task
 
 
-def _settings(cfg: RunConfig | None, context: Context, method: str = "fedavg_lora") -> RunConfig:
+def _settings(cfg: RunConfig | None, context: Context, method: str) -> RunConfig:
     cfg = cfg if cfg is not None else RunConfig.from_dict(dict(context.run_config))
     if cfg.method != method:
         raise ConfigError(f"the {method} apps need method={method!r}, got {cfg.method!r}")
     return cfg
 
 
-def _lora_device(cfg: RunConfig, context: Context):
-    """One LoRADevice per (settings, partition) per process; the model loads once per actor."""
-    from flower_pae.baselines.fedavg_lora import LoRADevice
-
-    pid = int(context.node_config["partition-id"])
-    key = (json.dumps(cfg.to_dict(), sort_keys=True), pid)
-    if key not in _DEVICES:
-        _DEVICES[key] = LoRADevice(cfg, pid)
-    return _DEVICES[key]
+def _zero_shot(context: Context) -> MetricRecord:
+    if _ZERO_SHOT not in context.state:
+        context.state[_ZERO_SHOT] = MetricRecord()
+    return context.state[_ZERO_SHOT]
 
 
-def _adapter(msg: Message) -> dict:
-    return {k: v.numpy() for k, v in msg.content[ADAPTER].items()}
+def _round(msg: Message) -> int:
+    return int(msg.content[CONFIG]["server-round"])
 
 
-def make_fedavg_lora_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """A ClientApp of FedAvg + LoRA devices, with fixed settings or Flower's run config."""
-    app = ClientApp()
+def _counts_reply(msg: Message, tasks: list[TaskEval], metrics: dict[str, float]) -> Message:
+    """An evaluation reply: the devices' correct/total counts per task (and ``metrics``)."""
+    out: dict[str, int | float] = {"num-examples": sum(t.total for t in tasks), **metrics}
+    for t in tasks:
+        out[f"{t.task_key}/correct"] = t.correct
+        out[f"{t.task_key}/zero_shot_correct"] = t.zero_shot_correct
+        out[f"{t.task_key}/total"] = t.total
+    return Message(RecordDict({METRICS: MetricRecord(out)}), reply_to=msg)
+
+
+def _sampling(cfg: RunConfig) -> dict[str, Any]:
+    """Every baseline strategy's settings: the devices, and who trains and evaluates."""
+    return {
+        "num_devices": cfg.num_devices,
+        "devices_per_round": cfg.devices_per_round,
+        "fraction_evaluate": cfg.fraction_evaluate,
+    }
+
+
+def _server_training(cfg: RunConfig) -> dict[str, Any]:
+    """... and those of a strategy whose server trains (split learning, MobiLLM)."""
+    return {**_sampling(cfg), "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size}
+
+
+def make_apps(
+    method: str,
+    strategy: StrategyBuilder,
+    device: DeviceBuilder,
+    handlers: Handlers,
+    cfg: RunConfig | None = None,
+) -> tuple[ServerApp, ClientApp]:
+    """A baseline's (ServerApp, ClientApp) pair, with fixed settings or Flower's run config.
+
+    The server runs ``strategy`` for ``rounds_per_task`` rounds and writes the run directory;
+    the devices are built once per (settings, partition) per process, so that their model
+    loads once per Ray actor.
+    """
+
+    def device_of(context: Context) -> Any:
+        settings = _settings(cfg, context, method)
+        pid = int(context.node_config["partition-id"])
+        key = (method, json.dumps(settings.to_dict(), sort_keys=True), pid)
+        if key not in _DEVICES:
+            _DEVICES[key] = device(settings, pid)
+        return _DEVICES[key]
+
+    client_app = ClientApp()
+    handlers(client_app, device_of)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from simulations.server_app import num_rounds, run_dir, torch_threads
+
+        settings = _settings(cfg, context, method)
+        out = run_dir(settings)
+        recorder = RunRecorder(out, settings.to_dict(), record_wire=settings.record_wire)
+        with torch_threads(settings.server_threads):
+            run, arrays = strategy(settings, recorder)
+            run.start(grid, arrays, num_rounds=num_rounds(settings), timeout=settings.timeout)
+
+    return server_app, client_app
+
+
+# ---- FedAvg + LoRA: adapters down and up -----------------------------------------------------
+
+
+def _lora_handlers(app: ClientApp, device_of: Callable[[Context], Any]) -> None:
+    def adapter(msg: Message) -> dict:
+        return {k: v.numpy() for k, v in msg.content[ADAPTER].items()}
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        device = _lora_device(_settings(cfg, context), context)
-        server_round = int(msg.content[CONFIG]["server-round"])
-        result = device.train(server_round, _adapter(msg))
+        device = device_of(context)
+        server_round = _round(msg)
+        result = device.train(server_round, adapter(msg))
         log(
             INFO,
             "device %d, round %d: LoRA on %d samples in %.1fs (%.3fs/sample, %.0f MB peak)",
@@ -94,317 +169,122 @@ def make_fedavg_lora_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        device = _lora_device(_settings(cfg, context), context)
-        server_round = int(msg.content[CONFIG]["server-round"])
-        if _ZERO_SHOT not in context.state:
-            context.state[_ZERO_SHOT] = MetricRecord()
-        zero_shot = context.state[_ZERO_SHOT]
-        result = device.evaluate(server_round, _adapter(msg), zero_shot)
-        metrics: dict[str, int | float] = {
-            "num-examples": sum(t.total for t in result.tasks),
-            "eval_seconds": result.seconds,
-            "eval_flops": result.flops,
-        }
-        for t in result.tasks:
-            metrics[f"{t.task_key}/correct"] = t.correct
-            metrics[f"{t.task_key}/zero_shot_correct"] = t.zero_shot_correct
-            metrics[f"{t.task_key}/total"] = t.total
-        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
-
-    return app
+        result = device_of(context).evaluate(_round(msg), adapter(msg), _zero_shot(context))
+        cost = {"eval_seconds": result.seconds, "eval_flops": result.flops}
+        return _counts_reply(msg, result.tasks, cost)
 
 
-def run_fedavg_lora_server(grid: Grid, cfg: RunConfig) -> FedAvgLoRAStrategy:
-    """Run FedAvg + LoRA for ``rounds_per_task`` rounds and write the run directory."""
+def _lora_device(cfg: RunConfig, partition_id: int) -> Any:
+    from flower_pae.baselines.fedavg_lora import LoRADevice
+
+    return LoRADevice(cfg, partition_id)
+
+
+def _fedavg_lora_strategy(cfg: RunConfig, recorder: RunRecorder) -> tuple[Strategy, ArrayRecord]:
     from flower_pae.baselines.fedavg_lora import initial_adapter
-    from simulations.server_app import num_rounds, run_dir, torch_threads
+    from strategies.fedavg_lora import FedAvgLoRAStrategy
 
-    out = run_dir(cfg)
-    recorder = RunRecorder(out, cfg.to_dict(), record_wire=cfg.record_wire)
-    strategy = FedAvgLoRAStrategy(
-        recorder,
-        num_devices=cfg.num_devices,
-        devices_per_round=cfg.devices_per_round,
-        fraction_evaluate=cfg.fraction_evaluate,
-    )
-    with torch_threads(cfg.server_threads):
-        arrays = array_record(initial_adapter(cfg))
-        strategy.start(grid, arrays, num_rounds=num_rounds(cfg), timeout=cfg.timeout)
-    return strategy
+    strategy = FedAvgLoRAStrategy(recorder, **_sampling(cfg))
+    return strategy, array_record(initial_adapter(cfg))
 
 
-def make_fedavg_lora_server_app(cfg: RunConfig | None = None) -> ServerApp:
-    """A ServerApp running :class:`FedAvgLoRAStrategy`, with fixed settings or the run config."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_fedavg_lora_server(grid, _settings(cfg, context))
-
-    return app
+# ---- split learning and MobiLLM: states up, logits down --------------------------------------
 
 
-def fedavg_lora_apps(cfg: RunConfig) -> tuple[ServerApp, ClientApp]:
-    """The (ServerApp, ClientApp) pair of FedAvg + LoRA for a simulation with ``cfg``."""
-    if cfg.resume:
-        raise ConfigError("resume is not supported with method='fedavg_lora' (no checkpoints)")
-    return make_fedavg_lora_server_app(cfg), make_fedavg_lora_client_app(cfg)
+def _states_handlers(app: ClientApp, device_of: Callable[[Context], Any]) -> None:
+    def states_reply(msg: Message, upload: StatesUpload, metrics: dict[str, float]) -> Message:
+        content = RecordDict(
+            {
+                STATES: array_record(upload.arrays),
+                METRICS: MetricRecord({"num-examples": upload.num_samples, **metrics}),
+                CONFIG: ConfigRecord(
+                    {"task_key": upload.task_key, "label_words": list(upload.label_words)}
+                ),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        device = device_of(context)
+        server_round = _round(msg)
+        upload = device.train_upload(server_round)
+        log(
+            INFO,
+            "device %d, round %d: %s in %.1fs (%.0f MB peak)",
+            device.partition_id,
+            server_round,
+            device.describe(upload),
+            upload.seconds,
+            upload.peak_rss_mb,
+        )
+        metrics = {
+            "forward_seconds": upload.seconds,
+            "peak_rss_mb": upload.peak_rss_mb,
+            "tokens": upload.tokens,
+            "flops": upload.flops,
+        }
+        return states_reply(msg, upload, metrics)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        upload = device_of(context).eval_upload(_round(msg), _zero_shot(context))
+        cost = {"eval_seconds": upload.seconds, "eval_flops": upload.flops}
+        return states_reply(msg, upload, cost)
+
+    @app.evaluate("scores")
+    def scores(msg: Message, context: Context) -> Message:
+        arrays = {k: v.numpy() for k, v in msg.content[LOGITS].items()}
+        tasks = device_of(context).evaluate(
+            _round(msg), arrays["logits"], arrays.get("zero_shot"), _zero_shot(context)
+        )
+        return _counts_reply(msg, tasks, {})
 
 
-# ---- split learning + LoRA -------------------------------------------------------------------
-
-
-def _split_device(cfg: RunConfig, context: Context):
-    """One SplitDevice per (settings, partition) per process; its half loads once per actor."""
+def _split_device(cfg: RunConfig, partition_id: int) -> Any:
     from flower_pae.baselines.split_lora import SplitDevice
 
-    pid = int(context.node_config["partition-id"])
-    key = ("split", json.dumps(cfg.to_dict(), sort_keys=True), pid)
-    if key not in _DEVICES:
-        _DEVICES[key] = SplitDevice(cfg, pid)
-    return _DEVICES[key]
+    return SplitDevice(cfg, partition_id)
 
 
-def _states_reply(msg: Message, upload, metrics: dict) -> Message:
-    from strategies.split_lora import STATES
-
-    content = RecordDict(
-        {
-            STATES: array_record(upload.arrays),
-            METRICS: MetricRecord({"num-examples": upload.num_samples, **metrics}),
-            CONFIG: ConfigRecord(
-                {"task_key": upload.task_key, "label_words": list(upload.label_words)}
-            ),
-        }
-    )
-    return Message(content, reply_to=msg)
-
-
-def make_split_lora_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """A ClientApp of split-learning devices, with fixed settings or Flower's run config."""
-    from strategies.split_lora import LOGITS
-
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        device = _split_device(_settings(cfg, context, "split_lora"), context)
-        server_round = int(msg.content[CONFIG]["server-round"])
-        upload = device.train_upload(server_round)
-        log(
-            INFO,
-            "device %d, round %d: layers 1..%d on %d samples in %.1fs (%.0f MB peak)",
-            device.partition_id,
-            server_round,
-            device.cfg.split_layer,
-            upload.num_samples,
-            upload.seconds,
-            upload.peak_rss_mb,
-        )
-        metrics = {
-            "forward_seconds": upload.seconds,
-            "peak_rss_mb": upload.peak_rss_mb,
-            "tokens": upload.tokens,
-            "flops": upload.flops,
-        }
-        return _states_reply(msg, upload, metrics)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        device = _split_device(_settings(cfg, context, "split_lora"), context)
-        upload = device.eval_upload(int(msg.content[CONFIG]["server-round"]))
-        return _states_reply(
-            msg, upload, {"eval_seconds": upload.seconds, "eval_flops": upload.flops}
-        )
-
-    @app.evaluate("scores")
-    def scores(msg: Message, context: Context) -> Message:
-        device = _split_device(_settings(cfg, context, "split_lora"), context)
-        server_round = int(msg.content[CONFIG]["server-round"])
-        if _ZERO_SHOT not in context.state:
-            context.state[_ZERO_SHOT] = MetricRecord()
-        arrays = {k: v.numpy() for k, v in msg.content[LOGITS].items()}
-        tasks = device.evaluate(
-            server_round, arrays["logits"], arrays.get("zero_shot"), context.state[_ZERO_SHOT]
-        )
-        metrics: dict[str, int] = {"num-examples": sum(t.total for t in tasks)}
-        for t in tasks:
-            metrics[f"{t.task_key}/correct"] = t.correct
-            metrics[f"{t.task_key}/zero_shot_correct"] = t.zero_shot_correct
-            metrics[f"{t.task_key}/total"] = t.total
-        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
-
-    return app
-
-
-def run_split_lora_server(grid: Grid, cfg: RunConfig):
-    """Run split learning for ``rounds_per_task`` rounds and write the run directory."""
+def _split_lora_strategy(cfg: RunConfig, recorder: RunRecorder) -> tuple[Strategy, ArrayRecord]:
     from flower_pae.baselines.split_lora import ServerHalf
-    from simulations.server_app import num_rounds, run_dir, torch_threads
     from strategies.split_lora import SplitLoRAStrategy
 
-    out = run_dir(cfg)
-    recorder = RunRecorder(out, cfg.to_dict(), record_wire=cfg.record_wire)
-    with torch_threads(cfg.server_threads):
-        server = ServerHalf(cfg.model, cfg.split_layer, cfg.lora_r, cfg.lora_lr, cfg.seed)
-        strategy = SplitLoRAStrategy(
-            recorder,
-            server,
-            num_devices=cfg.num_devices,
-            devices_per_round=cfg.devices_per_round,
-            fraction_evaluate=cfg.fraction_evaluate,
-            local_epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-        )
-        strategy.start(grid, ArrayRecord(), num_rounds=num_rounds(cfg), timeout=cfg.timeout)
-    return strategy
+    server = ServerHalf(cfg.model, cfg.split_layer, cfg.lora_r, cfg.lora_lr, cfg.seed)
+    return SplitLoRAStrategy(recorder, server, **_server_training(cfg)), ArrayRecord()
 
 
-def make_split_lora_server_app(cfg: RunConfig | None = None) -> ServerApp:
-    """A ServerApp running :class:`SplitLoRAStrategy`, with fixed settings or the run config."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_split_lora_server(grid, _settings(cfg, context, "split_lora"))
-
-    return app
-
-
-def split_lora_apps(cfg: RunConfig) -> tuple[ServerApp, ClientApp]:
-    """The (ServerApp, ClientApp) pair of split learning for a simulation with ``cfg``."""
-    if cfg.resume:
-        raise ConfigError("resume is not supported with method='split_lora' (no checkpoints)")
-    return make_split_lora_server_app(cfg), make_split_lora_client_app(cfg)
-
-
-# ---- MobiLLM-style side tuning ---------------------------------------------------------------
-
-_MOBILLM_ZERO_SHOT = "mobillm_zero_shot"  # Context.state: the frozen backbone's correct counts
-
-
-def _mobillm_device(cfg: RunConfig, context: Context):
-    """One MobiLLMDevice per (settings, partition) per process; the backbone loads once."""
+def _mobillm_device(cfg: RunConfig, partition_id: int) -> Any:
     from flower_pae.baselines.mobillm import MobiLLMDevice
 
-    pid = int(context.node_config["partition-id"])
-    key = ("mobillm", json.dumps(cfg.to_dict(), sort_keys=True), pid)
-    if key not in _DEVICES:
-        _DEVICES[key] = MobiLLMDevice(cfg, pid)
-    return _DEVICES[key]
+    return MobiLLMDevice(cfg, partition_id)
 
 
-def _zero_shot_state(context: Context) -> MetricRecord:
-    if _MOBILLM_ZERO_SHOT not in context.state:
-        context.state[_MOBILLM_ZERO_SHOT] = MetricRecord()
-    return context.state[_MOBILLM_ZERO_SHOT]
-
-
-def make_mobillm_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """A ClientApp of MobiLLM devices, with fixed settings or Flower's run config."""
-    from strategies.mobillm import LOGITS
-
-    app = ClientApp()
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        device = _mobillm_device(_settings(cfg, context, "mobillm"), context)
-        server_round = int(msg.content[CONFIG]["server-round"])
-        upload = device.train_upload(server_round)
-        log(
-            INFO,
-            "device %d, round %d: %d layers' states of %d samples (%d tokens) in %.1fs "
-            "(%.0f MB peak)",
-            device.partition_id,
-            server_round,
-            len(device.layers),
-            upload.num_samples,
-            upload.tokens,
-            upload.seconds,
-            upload.peak_rss_mb,
-        )
-        metrics = {
-            "forward_seconds": upload.seconds,
-            "peak_rss_mb": upload.peak_rss_mb,
-            "tokens": upload.tokens,
-            "flops": upload.flops,
-        }
-        return _states_reply(msg, upload, metrics)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        device = _mobillm_device(_settings(cfg, context, "mobillm"), context)
-        server_round = int(msg.content[CONFIG]["server-round"])
-        upload = device.eval_upload(server_round, _zero_shot_state(context))
-        return _states_reply(
-            msg, upload, {"eval_seconds": upload.seconds, "eval_flops": upload.flops}
-        )
-
-    @app.evaluate("scores")
-    def scores(msg: Message, context: Context) -> Message:
-        device = _mobillm_device(_settings(cfg, context, "mobillm"), context)
-        server_round = int(msg.content[CONFIG]["server-round"])
-        logits = msg.content[LOGITS]["logits"].numpy()
-        tasks = device.evaluate(server_round, logits, _zero_shot_state(context))
-        metrics: dict[str, int] = {"num-examples": sum(t.total for t in tasks)}
-        for t in tasks:
-            metrics[f"{t.task_key}/correct"] = t.correct
-            metrics[f"{t.task_key}/zero_shot_correct"] = t.zero_shot_correct
-            metrics[f"{t.task_key}/total"] = t.total
-        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
-
-    return app
-
-
-def run_mobillm_server(grid: Grid, cfg: RunConfig):
-    """Run MobiLLM for ``rounds_per_task`` rounds and write the run directory."""
+def _mobillm_strategy(cfg: RunConfig, recorder: RunRecorder) -> tuple[Strategy, ArrayRecord]:
     from flower_pae.baselines.mobillm import SideServer
-    from simulations.server_app import num_rounds, run_dir, torch_threads
     from strategies.mobillm import MobiLLMStrategy
 
-    out = run_dir(cfg)
-    recorder = RunRecorder(out, cfg.to_dict(), record_wire=cfg.record_wire)
-    with torch_threads(cfg.server_threads):
-        server = SideServer(cfg.model, cfg.layers, cfg.lr, cfg.seed)
-        strategy = MobiLLMStrategy(
-            recorder,
-            server,
-            num_devices=cfg.num_devices,
-            devices_per_round=cfg.devices_per_round,
-            fraction_evaluate=cfg.fraction_evaluate,
-            local_epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            max_upload_mb=cfg.max_upload_mb,
-        )
-        strategy.start(grid, ArrayRecord(), num_rounds=num_rounds(cfg), timeout=cfg.timeout)
-    return strategy
+    server = SideServer(cfg.model, cfg.layers, cfg.lr, cfg.seed)
+    strategy = MobiLLMStrategy(
+        recorder, server, max_upload_mb=cfg.max_upload_mb, **_server_training(cfg)
+    )
+    return strategy, ArrayRecord()
 
 
-def make_mobillm_server_app(cfg: RunConfig | None = None) -> ServerApp:
-    """A ServerApp running :class:`MobiLLMStrategy`, with fixed settings or the run config."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_mobillm_server(grid, _settings(cfg, context, "mobillm"))
-
-    return app
-
-
-def mobillm_apps(cfg: RunConfig) -> tuple[ServerApp, ClientApp]:
-    """The (ServerApp, ClientApp) pair of MobiLLM for a simulation with ``cfg``."""
-    if cfg.resume:
-        raise ConfigError("resume is not supported with method='mobillm' (no checkpoints)")
-    return make_mobillm_server_app(cfg), make_mobillm_client_app(cfg)
+# (strategy, device, ClientApp handlers) of each baseline, by method
+BUILDERS: dict[str, tuple[StrategyBuilder, DeviceBuilder, Handlers]] = {
+    "fedavg_lora": (_fedavg_lora_strategy, _lora_device, _lora_handlers),
+    "split_lora": (_split_lora_strategy, _split_device, _states_handlers),
+    "mobillm": (_mobillm_strategy, _mobillm_device, _states_handlers),
+}
 
 
 def baseline_apps(cfg: RunConfig) -> tuple[ServerApp, ClientApp]:
-    """The apps of the baseline ``cfg.method`` (one of :data:`flower_pae.config.BASELINES`)."""
-    pick = {
-        "fedavg_lora": fedavg_lora_apps,
-        "split_lora": split_lora_apps,
-        "mobillm": mobillm_apps,
-    }
-    if cfg.method not in pick:
-        raise ConfigError(f"method {cfg.method!r} is not a baseline; those are {sorted(pick)}")
-    return pick[cfg.method](cfg)
+    """The apps of the baseline ``cfg.method`` (one of :data:`flower_pae.config.BASELINES`)
+    for a simulation with ``cfg``."""
+    if cfg.method not in BUILDERS:
+        raise ConfigError(f"method {cfg.method!r} is not a baseline; those are {sorted(BUILDERS)}")
+    if cfg.resume:
+        raise ConfigError(f"resume is not supported with method={cfg.method!r} (no checkpoints)")
+    return make_apps(cfg.method, *BUILDERS[cfg.method], cfg=cfg)

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from flower_pae.runlog import RunRecorder
-from strategies.baseline import CONFIG, METRICS, BaselineRun, log, task_key
+from strategies.baseline import CONFIG, EVAL_COST_METRICS, METRICS, BaselineRun, log, task_key
 
 ADAPTER = "arrays"  # FedAvg's ArrayRecord key: the LoRA adapters, both directions
 # CONFIG is FedAvg's ConfigRecord key too (server → device); the task key (device → server)
@@ -34,8 +34,6 @@ DEVICE_COST_METRICS = (
     "flops",
     "train_loss",
 )
-# ... and of an evaluation reply: the forward passes with the global adapters.
-EVAL_COST_METRICS = ("eval_seconds", "eval_flops")
 
 
 class FedAvgLoRAStrategy(BaselineRun, FedAvg):
@@ -95,9 +93,7 @@ class FedAvgLoRAStrategy(BaselineRun, FedAvg):
         for reply in replies:
             if reply.has_error():
                 continue
-            key = task_key(reply)
-            self.tasks.setdefault(key, [server_round, server_round])[1] = server_round
-            self._record_device_cost(server_round, reply, DEVICE_COST_METRICS, key)
+            self._record_trained(server_round, reply, task_key(reply), DEVICE_COST_METRICS)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             self.adapter_params = sum(int(np.prod(a.shape)) for a in arrays.values())

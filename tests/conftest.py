@@ -1,12 +1,17 @@
-"""Shared fixtures: a tiny random model of the SmolLM2 family, the shared benchmark data."""
+"""Shared fixtures: a tiny random model of the SmolLM2 family, small runs of it (PAE's and the
+baselines'), the shared benchmark data."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from flower_pae.config import RunConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl_benchmark"
 
@@ -59,6 +64,29 @@ def small_run(tmp_path_factory, tiny_model_dir):
         return out
 
     return run
+
+
+def _baseline_settings(request: pytest.FixtureRequest) -> dict:
+    from tests.run_contract import BASELINE_SETTINGS, SMALL_RUN
+
+    method = request.module.METHOD
+    return {"method": method, **SMALL_RUN, **BASELINE_SETTINGS[method]}
+
+
+@pytest.fixture(scope="module")
+def baseline_cfg(request, tiny_model_dir) -> RunConfig:
+    """The settings of the baselines' small run (``tests.run_contract.SMALL_RUN``) for the
+    method the requesting module names in ``METHOD``."""
+    from flower_pae.config import RunConfig
+
+    return RunConfig(model=str(tiny_model_dir), **_baseline_settings(request))
+
+
+@pytest.fixture(scope="module")
+def baseline_run(request, small_run) -> Path:
+    """The run directory of :func:`baseline_cfg`'s settings, simulated once per module."""
+    settings = _baseline_settings(request)
+    return small_run(settings["method"].replace("_", "-"), **settings)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""The run-directory contract of DESIGN.md, checked the same way for every runtime."""
+"""The run-directory contract of DESIGN.md, checked the same way for every runtime; and the
+baselines' small run (``baseline_cfg`` and ``baseline_run`` in ``conftest.py``) with the
+helpers their tests share."""
 
 from __future__ import annotations
 
@@ -8,9 +10,28 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.serde import message_from_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
+
+# The baselines' small run: tiny model, DEVICES devices, ROUNDS rounds of one task, every
+# message dumped; with each method's own settings.
+STREAM = "pypi:bbc"
+DEVICES, ROUNDS = 3, 2
+SMALL_RUN = dict(
+    stream=STREAM,
+    num_devices=DEVICES,
+    max_train=24,
+    max_test=12,
+    max_tokens=32,
+    rounds_per_task=ROUNDS,
+    record_wire=True,
+)
+BASELINE_SETTINGS = {
+    "fedavg_lora": {"lora_lr": 1e-2},
+    "split_lora": {"split_layer": 1, "lora_lr": 1e-2},
+    "mobillm": {"lr": 1e-2},
+}
 
 MESSAGE_COLUMNS = {
     "round",
@@ -68,3 +89,23 @@ def wire_messages(
     for path in sorted((run_dir / "wire").glob(f"{prefix}-{phase}-{direction}-*.pb")):
         raw = path.read_bytes()
         yield path.name, raw, message_from_proto(ProtoMessage.FromString(raw))
+
+
+def round_messages(run_dir: Path, server_round: int, phase: str, direction: str) -> list[Message]:
+    """The dumped messages of one round, phase and direction (:func:`wire_messages`)."""
+    return [m for _, _, m in wire_messages(run_dir, phase, direction, server_round)]
+
+
+def states_reply(arrays: dict[str, np.ndarray], words: tuple[str, ...] = ("a", "b")) -> Message:
+    """A device's states reply (split learning, MobiLLM), as the server receives it."""
+    from flower_pae.wire import array_record
+    from strategies.baseline import CONFIG, METRICS, STATES
+
+    content = RecordDict(
+        {
+            STATES: array_record(arrays),
+            METRICS: MetricRecord({"num-examples": len(arrays["lengths"])}),
+            CONFIG: ConfigRecord({"task_key": "0123456789abcdef", "label_words": list(words)}),
+        }
+    )
+    return Message(content, metadata=Metadata(1, "m", 7, 0, "q", "", 0.0, 60.0, "train"))

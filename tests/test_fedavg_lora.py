@@ -4,7 +4,6 @@ its run directory and its dumped messages, and the aggregation on hand-made repl
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,39 +15,9 @@ from flower_pae.device.cost import forward_flops, lora_step_flops
 from flower_pae.runlog import RunRecorder
 from flower_pae.wire import array_record, message_bytes
 from strategies.fedavg_lora import ADAPTER, CONFIG, METRICS, FedAvgLoRAStrategy
-from tests.run_contract import assert_recorded_bytes, wire_messages
+from tests.run_contract import DEVICES, ROUNDS, STREAM, assert_recorded_bytes, round_messages
 
-STREAM = "pypi:bbc"
-DEVICES, ROUNDS = 3, 2
-
-
-@pytest.fixture(scope="module")
-def lora_cfg(tiny_model_dir) -> RunConfig:
-    return RunConfig(
-        model=str(tiny_model_dir),
-        stream=STREAM,
-        method="fedavg_lora",
-        num_devices=DEVICES,
-        max_train=24,
-        max_test=12,
-        max_tokens=32,
-        rounds_per_task=ROUNDS,
-        lora_lr=1e-2,
-        record_wire=True,
-    )
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, lora_cfg) -> Path:
-    from simulations.cli import simulate
-
-    out = tmp_path_factory.mktemp("fedavg-lora")
-    simulate(lora_cfg, out)
-    return out
-
-
-def _wire(run_dir: Path, server_round: int, phase: str, direction: str) -> list[Message]:
-    return [m for _, _, m in wire_messages(run_dir, phase, direction, server_round)]
+METHOD = "fedavg_lora"  # the small run of conftest's baseline_cfg and baseline_run
 
 
 def _adapter(msg: Message) -> dict[str, np.ndarray]:
@@ -58,16 +27,16 @@ def _adapter(msg: Message) -> dict[str, np.ndarray]:
 # ---- the simulation --------------------------------------------------------------------------
 
 
-def test_run_directory_follows_the_contract(run_dir):
+def test_run_directory_follows_the_contract(baseline_run):
     for name in ("messages.parquet", "metrics.parquet", "config.json", "summary.json"):
-        assert (run_dir / name).is_file(), name
-    messages = pd.read_parquet(run_dir / "messages.parquet")
+        assert (baseline_run / name).is_file(), name
+    messages = pd.read_parquet(baseline_run / "messages.parquet")
     # every device trains and evaluates every round: one message each way per phase
     assert len(messages) == ROUNDS * DEVICES * 2 * 2
     assert set(messages["phase"]) == {"train", "evaluate"}
     assert set(messages["direction"]) == {"down", "up"}
     assert (messages["payload_bytes"] > 0).all() and messages["ok"].all()
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((baseline_run / "summary.json").read_text())
     assert summary["method"] == "fedavg_lora" and summary["rounds"] == ROUNDS
     (key,) = summary["task_keys"]
     assert set(summary["final_accuracy"]) == {key}
@@ -76,42 +45,42 @@ def test_run_directory_follows_the_contract(run_dir):
     assert summary["accuracy_matrix"][0][0] == summary["final_accuracy"][key]
     assert set(summary["bytes"]) == {"train/down", "train/up", "evaluate/down", "evaluate/up"}
     assert sum(summary["bytes"].values()) == messages["payload_bytes"].sum()
-    assert json.loads((run_dir / "tasks.json").read_text()) == {key: "bbc"}
-    settings = json.loads((run_dir / "config.json").read_text())["settings"]
+    assert json.loads((baseline_run / "tasks.json").read_text()) == {key: "bbc"}
+    settings = json.loads((baseline_run / "config.json").read_text())["settings"]
     assert settings["method"] == "fedavg_lora" and settings["lora_r"] == 8
 
 
-def test_recorded_bytes_are_the_serialized_messages(run_dir):
-    assert_recorded_bytes(run_dir)
+def test_recorded_bytes_are_the_serialized_messages(baseline_run):
+    assert_recorded_bytes(baseline_run)
 
 
-def test_global_adapter_is_the_example_weighted_mean_of_the_devices(run_dir):
+def test_global_adapter_is_the_example_weighted_mean_of_the_devices(baseline_run):
     """What round 2 sends down is FedAvg of what the devices sent up in round 1."""
-    ups = _wire(run_dir, 1, "train", "up")
+    ups = round_messages(baseline_run, 1, "train", "up")
     assert len(ups) == DEVICES
     weights = np.array([float(m.content[METRICS]["num-examples"]) for m in ups])
     assert weights.sum() == 24
     adapters = [_adapter(m) for m in ups]
-    first = _adapter(_wire(run_dir, 1, "train", "down")[0])
+    first = _adapter(round_messages(baseline_run, 1, "train", "down")[0])
     assert any(not np.allclose(adapters[0][k], first[k]) for k in first)  # devices trained
-    sent = _wire(run_dir, 2, "train", "down")
-    for msg in sent + _wire(run_dir, 1, "evaluate", "down"):
+    sent = round_messages(baseline_run, 2, "train", "down")
+    for msg in sent + round_messages(baseline_run, 1, "evaluate", "down"):
         got = _adapter(msg)
         for key in got:
             mean = sum(w * a[key] for w, a in zip(weights, adapters, strict=True)) / weights.sum()
             np.testing.assert_allclose(got[key], mean, rtol=1e-5, atol=1e-7)
 
 
-def test_device_cost_metrics_are_recorded(run_dir, lora_cfg):
+def test_device_cost_metrics_are_recorded(baseline_run, baseline_cfg):
     from flower_pae.baselines.fedavg_lora import lora_model
 
-    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    metrics = pd.read_parquet(baseline_run / "metrics.parquet")
     per_node = metrics[metrics["node_id"].notna()]
     for name in ("local_train_seconds", "seconds_per_sample", "peak_rss_mb", "tokens", "flops"):
         rows = per_node[per_node["metric"] == name]
         assert len(rows) == ROUNDS * DEVICES, name
         assert (rows["value"] > 0).all(), name
-    model = lora_model(lora_cfg)
+    model = lora_model(baseline_cfg)
     tokens = per_node[per_node["metric"] == "tokens"].set_index(["round", "node_id"])["value"]
     flops = per_node[per_node["metric"] == "flops"].set_index(["round", "node_id"])["value"]
     expected = tokens.map(lambda t: lora_step_flops(model.base_params, model.lora_params, int(t)))
@@ -120,18 +89,18 @@ def test_device_cost_metrics_are_recorded(run_dir, lora_cfg):
     assert (flops > 2 * tokens.map(lambda t: forward_flops(model.base_params, int(t)))).all()
     evals = per_node[per_node["metric"].isin(["eval_seconds", "eval_flops"])]
     assert len(evals) == 2 * ROUNDS * DEVICES
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((baseline_run / "summary.json").read_text())
     cost = summary["device_cost"]
     assert cost["train_flops"] == pytest.approx(flops.sum())
     assert cost["peak_rss_mb_max"] > 0
 
 
-def test_replies_carry_adapters_counts_and_costs_only(run_dir):
+def test_replies_carry_adapters_counts_and_costs_only(baseline_run):
     for server_round in range(1, ROUNDS + 1):
-        for msg in _wire(run_dir, server_round, "train", "up"):
+        for msg in round_messages(baseline_run, server_round, "train", "up"):
             assert set(msg.content.keys()) == {ADAPTER, METRICS, CONFIG}
             assert list(msg.content[CONFIG]) == ["task_key"]
-        for msg in _wire(run_dir, server_round, "evaluate", "up"):
+        for msg in round_messages(baseline_run, server_round, "evaluate", "up"):
             assert set(msg.content.keys()) == {METRICS}
             names = set(msg.content[METRICS]) - {"num-examples", "eval_seconds", "eval_flops"}
             assert {n.rpartition("/")[2] for n in names} == {
@@ -141,15 +110,15 @@ def test_replies_carry_adapters_counts_and_costs_only(run_dir):
             }
 
 
-def test_analysis_reads_the_run(run_dir):
+def test_analysis_reads_the_run(baseline_run):
     from analysis import bytes_table, device_cost, load_run, overview
 
-    run = load_run(run_dir)
-    messages = pd.read_parquet(run_dir / "messages.parquet")
+    run = load_run(baseline_run)
+    messages = pd.read_parquet(baseline_run / "messages.parquet")
     assert bytes_table(run)["bytes"].sum() == messages["payload_bytes"].sum()
     table = overview([run])
     assert table.loc[run.name, "method"] == "fedavg_lora"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((baseline_run / "summary.json").read_text())
     assert table.loc[run.name, "final_accuracy"] == pytest.approx(
         next(iter(summary["final_accuracy"].values()))
     )
@@ -210,11 +179,11 @@ def test_fedavg_lora_refuses_a_task_stream():
 
 
 def test_fedavg_lora_cannot_resume(tmp_path):
-    from simulations.baseline_apps import fedavg_lora_apps
+    from simulations.baseline_apps import baseline_apps
 
     cfg = RunConfig(method="fedavg_lora", stream="pypi:bbc", resume=True)
     with pytest.raises(ConfigError, match="resume"):
-        fedavg_lora_apps(cfg)
+        baseline_apps(cfg)
 
 
 def test_pae_device_reports_the_forward_flops_of_its_new_samples(tiny_model_dir):

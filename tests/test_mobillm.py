@@ -12,18 +12,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from flower_pae.backbone import load_backbone
 from flower_pae.config import ConfigError, RunConfig
 from flower_pae.device.cost import forward_flops
 from flower_pae.server.validation import UploadError
-from flower_pae.wire import array_record
 from strategies.mobillm import CONFIG, LOGITS, METRICS, SCORES, STATES, decode_upload
-from tests.run_contract import assert_recorded_bytes, assert_run_directory, wire_messages
+from tests.run_contract import (
+    DEVICES,
+    ROUNDS,
+    STREAM,
+    assert_recorded_bytes,
+    assert_run_directory,
+    round_messages,
+    states_reply,
+)
 
-STREAM = "pypi:bbc"
-DEVICES, ROUNDS = 3, 2
+METHOD = "mobillm"  # the small run of conftest's baseline_cfg and baseline_run
 WORDS = ["business", "sport", "tech"]
 PROMPTS = [
     "Classify this news article. Answer:",
@@ -168,38 +174,9 @@ def test_training_lowers_the_loss(tiny_model_dir):
 # ---- the simulation --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mobillm_cfg(tiny_model_dir) -> RunConfig:
-    return RunConfig(
-        model=str(tiny_model_dir),
-        stream=STREAM,
-        method="mobillm",
-        num_devices=DEVICES,
-        max_train=24,
-        max_test=12,
-        max_tokens=32,
-        rounds_per_task=ROUNDS,
-        lr=1e-2,
-        record_wire=True,
-    )
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, mobillm_cfg) -> Path:
-    from simulations.cli import simulate
-
-    out = tmp_path_factory.mktemp("mobillm")
-    simulate(mobillm_cfg, out)
-    return out
-
-
-def _wire(run_dir: Path, server_round: int, phase: str, direction: str) -> list[Message]:
-    return [m for _, _, m in wire_messages(run_dir, phase, direction, server_round)]
-
-
-def test_run_directory_follows_the_contract(run_dir):
-    summary = assert_run_directory(run_dir, num_tasks=1, num_devices=DEVICES)
-    messages = pd.read_parquet(run_dir / "messages.parquet")
+def test_run_directory_follows_the_contract(baseline_run):
+    summary = assert_run_directory(baseline_run, num_tasks=1, num_devices=DEVICES)
+    messages = pd.read_parquet(baseline_run / "messages.parquet")
     # train: request + states; evaluate: request + states, then logits + counts
     assert len(messages) == ROUNDS * DEVICES * 6
     assert messages["ok"].all()
@@ -211,7 +188,7 @@ def test_run_directory_follows_the_contract(run_dir):
     assert sum(summary["bytes"].values()) == messages["payload_bytes"].sum()
     train_up = messages[(messages["phase"] == "train") & (messages["direction"] == "up")]
     assert train_up["num_samples"].sum() == ROUNDS * 24 and (train_up["task_key"] == key).all()
-    assert json.loads((run_dir / "tasks.json").read_text()) == {key: "bbc"}
+    assert json.loads((baseline_run / "tasks.json").read_text()) == {key: "bbc"}
     server = summary["server_cost"]
     assert server["train_seconds"] > 0 and server["eval_flops"] > 0
     assert server["train_tokens"] == summary["device_cost"]["train_tokens"]  # 1 epoch
@@ -219,21 +196,21 @@ def test_run_directory_follows_the_contract(run_dir):
     assert 0 <= summary["zero_shot_accuracy"][key] <= 1
 
 
-def test_recorded_bytes_are_the_serialized_messages(run_dir):
-    assert_recorded_bytes(run_dir)
+def test_recorded_bytes_are_the_serialized_messages(baseline_run):
+    assert_recorded_bytes(baseline_run)
 
 
-def test_the_wire_carries_states_labels_for_training_only_and_logits(run_dir, mobillm_cfg):
+def test_the_wire_carries_states_labels_for_training_only_and_logits(baseline_run, baseline_cfg):
     from flower_pae.baselines.mobillm import MobiLLMDevice
 
     hidden, layers = 64, 2
-    words = list(MobiLLMDevice(mobillm_cfg, 0).data.task(0).labels)
+    words = list(MobiLLMDevice(baseline_cfg, 0).data.task(0).labels)
     assert len(words) == 5
     uploaded = []
     for server_round in range(1, ROUNDS + 1):
-        for msg in _wire(run_dir, server_round, "train", "down"):
+        for msg in round_messages(baseline_run, server_round, "train", "down"):
             assert set(msg.content.keys()) == {CONFIG}  # nothing but the round number
-        for msg in _wire(run_dir, server_round, "train", "up"):
+        for msg in round_messages(baseline_run, server_round, "train", "up"):
             assert set(msg.content.keys()) == {STATES, METRICS, CONFIG}
             assert set(msg.content[STATES]) == {"states", "lengths", "final", "labels"}
             upload = decode_upload(msg, layers, hidden, train=True)  # labels in clear
@@ -241,8 +218,8 @@ def test_the_wire_carries_states_labels_for_training_only_and_logits(run_dir, mo
             assert upload.arrays["states"].shape == (tokens, layers, hidden)
             assert upload.label_words == words
             uploaded.append((server_round, msg.metadata.src_node_id, upload))
-        downs = _wire(run_dir, server_round, "evaluate", "down")
-        ups = _wire(run_dir, server_round, "evaluate", "up")
+        downs = round_messages(baseline_run, server_round, "evaluate", "down")
+        ups = round_messages(baseline_run, server_round, "evaluate", "up")
         assert {m.metadata.message_type for m in downs} == {"evaluate", SCORES}
         states = [m for m in ups if STATES in m.content]
         assert len(states) == DEVICES
@@ -266,9 +243,9 @@ def test_the_wire_carries_states_labels_for_training_only_and_logits(run_dir, mo
         for name in ("states", "lengths", "labels"):
             assert np.array_equal(upload.arrays[name], first[node].arrays[name])
     # the devices' FLOPs are the forward of the whole decoder
-    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    metrics = pd.read_parquet(baseline_run / "metrics.parquet")
     per_node = metrics[metrics["node_id"].notna()]
-    params = MobiLLMDevice(mobillm_cfg, 0).params
+    params = MobiLLMDevice(baseline_cfg, 0).params
     assert params == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)  # two tiny layers
     tokens = per_node[per_node["metric"] == "tokens"].set_index(["round", "node_id"])["value"]
     flops = per_node[per_node["metric"] == "flops"].set_index(["round", "node_id"])["value"]
@@ -281,12 +258,12 @@ def test_the_wire_carries_states_labels_for_training_only_and_logits(run_dir, mo
         assert len(rows) == ROUNDS * DEVICES and (rows["value"] > 0).all(), name
 
 
-def test_analysis_reads_the_run(run_dir):
+def test_analysis_reads_the_run(baseline_run):
     from analysis import device_cost, load_run, overview
 
-    run = load_run(run_dir)
+    run = load_run(baseline_run)
     assert overview([run]).loc[run.name, "method"] == "mobillm"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((baseline_run / "summary.json").read_text())
     cost = device_cost(run).loc[run.name]
     assert cost["forward_seconds_total"] == pytest.approx(summary["device_cost"]["forward_seconds"])
     assert cost["flops_total"] == pytest.approx(summary["device_cost"]["train_flops"])
@@ -315,17 +292,6 @@ def test_mobillm_trains_a_single_task_and_cannot_resume():
         baseline_apps(RunConfig(method="mobillm", stream=STREAM, model="x", resume=True))
 
 
-def _reply(arrays: dict[str, np.ndarray], words=("a", "b")) -> Message:
-    content = RecordDict(
-        {
-            STATES: array_record(arrays),
-            METRICS: MetricRecord({"num-examples": len(arrays["lengths"])}),
-            CONFIG: ConfigRecord({"task_key": "0123456789abcdef", "label_words": list(words)}),
-        }
-    )
-    return Message(content, metadata=Metadata(1, "m", 7, 0, "q", "", 0.0, 60.0, "train"))
-
-
 def test_bad_uploads_are_rejected():
     good = {
         "states": np.zeros((5, 3, 4), np.float16),
@@ -333,10 +299,10 @@ def test_bad_uploads_are_rejected():
         "final": np.zeros((2, 4), np.float32),
         "labels": np.array([0, 1], np.int64),
     }
-    upload = decode_upload(_reply(good), 3, 4, train=True)
+    upload = decode_upload(states_reply(good), 3, 4, train=True)
     assert upload.num_samples == 2 and upload.label_words == ["a", "b"]
     int8 = {**good, "states": np.zeros((5, 3, 4), np.int8), "scales": np.ones((5, 3), np.float16)}
-    assert decode_upload(_reply(int8), 3, 4, train=True).num_samples == 2
+    assert decode_upload(states_reply(int8), 3, 4, train=True).num_samples == 2
     bad = [
         ({**good, "lengths": np.array([2, 2], np.int32)}, "add up"),
         ({**good, "states": np.zeros((5, 3, 4), np.float32)}, "float16"),
@@ -353,13 +319,13 @@ def test_bad_uploads_are_rejected():
     ]
     for arrays, reason in bad:
         with pytest.raises(UploadError, match=reason):
-            decode_upload(_reply(arrays), 3, 4, train=True)
+            decode_upload(states_reply(arrays), 3, 4, train=True)
     with pytest.raises(UploadError, match="label_words"):
-        decode_upload(_reply(good, words=("a",)), 3, 4, train=True)
+        decode_upload(states_reply(good, words=("a",)), 3, 4, train=True)
     with pytest.raises(UploadError, match="exactly"):
-        decode_upload(_reply(good), 3, 4, train=False)  # evaluation carries no labels
+        decode_upload(states_reply(good), 3, 4, train=False)  # evaluation carries no labels
     with pytest.raises(UploadError, match="over max_upload_mb"):
-        decode_upload(_reply(good), 3, 4, train=True, max_bytes=100)
-    empty = Message(RecordDict({METRICS: MetricRecord({})}), metadata=_reply(good).metadata)
+        decode_upload(states_reply(good), 3, 4, train=True, max_bytes=100)
+    empty = Message(RecordDict({METRICS: MetricRecord({})}), metadata=states_reply(good).metadata)
     with pytest.raises(UploadError, match="records"):
         decode_upload(empty, 3, 4, train=True)

@@ -11,18 +11,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from flower_pae.config import ConfigError, RunConfig
 from flower_pae.device.cost import forward_flops
 from flower_pae.references import _decoder, _load_fresh, _pivot_states
 from flower_pae.server.validation import UploadError
-from flower_pae.wire import array_record
 from strategies.split_lora import CONFIG, LOGITS, METRICS, SCORES, STATES, decode_upload
-from tests.run_contract import assert_recorded_bytes, assert_run_directory, wire_messages
+from tests.run_contract import (
+    DEVICES,
+    ROUNDS,
+    STREAM,
+    assert_recorded_bytes,
+    assert_run_directory,
+    round_messages,
+    states_reply,
+)
 
-STREAM = "pypi:bbc"
-DEVICES, ROUNDS = 3, 2
+METHOD = "split_lora"  # the small run of conftest's baseline_cfg and baseline_run
 PROMPTS = [
     "Classify this news article. Answer:",
     "Hi. Answer:",
@@ -109,39 +115,9 @@ def test_server_training_moves_the_logits(tiny_model_dir):
 # ---- the simulation --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def split_cfg(tiny_model_dir) -> RunConfig:
-    return RunConfig(
-        model=str(tiny_model_dir),
-        stream=STREAM,
-        method="split_lora",
-        split_layer=1,
-        num_devices=DEVICES,
-        max_train=24,
-        max_test=12,
-        max_tokens=32,
-        rounds_per_task=ROUNDS,
-        lora_lr=1e-2,
-        record_wire=True,
-    )
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, split_cfg) -> Path:
-    from simulations.cli import simulate
-
-    out = tmp_path_factory.mktemp("split-lora")
-    simulate(split_cfg, out)
-    return out
-
-
-def _wire(run_dir: Path, server_round: int, phase: str, direction: str) -> list[Message]:
-    return [m for _, _, m in wire_messages(run_dir, phase, direction, server_round)]
-
-
-def test_run_directory_follows_the_contract(run_dir):
-    summary = assert_run_directory(run_dir, num_tasks=1, num_devices=DEVICES)
-    messages = pd.read_parquet(run_dir / "messages.parquet")
+def test_run_directory_follows_the_contract(baseline_run):
+    summary = assert_run_directory(baseline_run, num_tasks=1, num_devices=DEVICES)
+    messages = pd.read_parquet(baseline_run / "messages.parquet")
     # train: request + states; evaluate: request + states, then logits + counts
     assert len(messages) == ROUNDS * DEVICES * 6
     assert messages["ok"].all()
@@ -152,35 +128,35 @@ def test_run_directory_follows_the_contract(run_dir):
     assert sum(summary["bytes"].values()) == messages["payload_bytes"].sum()
     train_up = messages[(messages["phase"] == "train") & (messages["direction"] == "up")]
     assert train_up["num_samples"].sum() == ROUNDS * 24 and (train_up["task_key"] == key).all()
-    assert json.loads((run_dir / "tasks.json").read_text()) == {key: "bbc"}
+    assert json.loads((baseline_run / "tasks.json").read_text()) == {key: "bbc"}
     server = summary["server_cost"]
     assert server["train_seconds"] > 0 and server["eval_flops"] > 0
     assert server["train_tokens"] == summary["device_cost"]["train_tokens"]  # 1 epoch
     assert summary["adapter_params"] > 0
 
 
-def test_recorded_bytes_are_the_serialized_messages(run_dir):
-    assert_recorded_bytes(run_dir)
+def test_recorded_bytes_are_the_serialized_messages(baseline_run):
+    assert_recorded_bytes(baseline_run)
 
 
-def test_the_wire_carries_states_labels_and_logits(run_dir, split_cfg):
+def test_the_wire_carries_states_labels_and_logits(baseline_run, baseline_cfg):
     from flower_pae.baselines.split_lora import device_half
     from flower_pae.device.device import Device
 
     hidden = 64
-    words = list(Device(split_cfg, 0).task(0).labels)
+    words = list(Device(baseline_cfg, 0).task(0).labels)
     assert len(words) == 5
     for server_round in range(1, ROUNDS + 1):
-        for msg in _wire(run_dir, server_round, "train", "down"):
+        for msg in round_messages(baseline_run, server_round, "train", "down"):
             assert set(msg.content.keys()) == {CONFIG}  # no weights: the device half is frozen
-        for msg in _wire(run_dir, server_round, "train", "up"):
+        for msg in round_messages(baseline_run, server_round, "train", "up"):
             assert set(msg.content.keys()) == {STATES, METRICS, CONFIG}
             upload = decode_upload(msg, hidden, train=True)  # labels in clear
             tokens = int(msg.content[METRICS]["tokens"])
             assert upload.arrays["states"].shape == (tokens, hidden)
             assert upload.label_words == words
-        downs = _wire(run_dir, server_round, "evaluate", "down")
-        ups = _wire(run_dir, server_round, "evaluate", "up")
+        downs = round_messages(baseline_run, server_round, "evaluate", "down")
+        ups = round_messages(baseline_run, server_round, "evaluate", "up")
         assert {m.metadata.message_type for m in downs} == {"evaluate", SCORES}
         states = [m for m in ups if STATES in m.content]
         assert len(states) == DEVICES
@@ -201,9 +177,9 @@ def test_the_wire_carries_states_labels_and_logits(run_dir, split_cfg):
                 "total",
             }
     # the devices' FLOPs are the forward of their first split_layer layers
-    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    metrics = pd.read_parquet(baseline_run / "metrics.parquet")
     per_node = metrics[metrics["node_id"].notna()]
-    params = device_half(split_cfg.model, split_cfg.split_layer).params
+    params = device_half(baseline_cfg.model, baseline_cfg.split_layer).params
     assert params == 2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128  # one tiny layer
     tokens = per_node[per_node["metric"] == "tokens"].set_index(["round", "node_id"])["value"]
     flops = per_node[per_node["metric"] == "flops"].set_index(["round", "node_id"])["value"]
@@ -216,12 +192,12 @@ def test_the_wire_carries_states_labels_and_logits(run_dir, split_cfg):
         assert len(rows) == ROUNDS * DEVICES and (rows["value"] > 0).all(), name
 
 
-def test_analysis_reads_the_run(run_dir):
+def test_analysis_reads_the_run(baseline_run):
     from analysis import device_cost, load_run, overview
 
-    run = load_run(run_dir)
+    run = load_run(baseline_run)
     assert overview([run]).loc[run.name, "method"] == "split_lora"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((baseline_run / "summary.json").read_text())
     cost = device_cost(run).loc[run.name]
     assert cost["forward_seconds_total"] == pytest.approx(summary["device_cost"]["forward_seconds"])
     assert cost["flops_total"] == pytest.approx(summary["device_cost"]["train_flops"])
@@ -270,24 +246,13 @@ def test_split_lora_trains_a_single_task_and_cannot_resume():
         baseline_apps(RunConfig(method="split_lora", stream=STREAM, model="x", resume=True))
 
 
-def _reply(arrays: dict[str, np.ndarray], words=("a", "b")) -> Message:
-    content = RecordDict(
-        {
-            STATES: array_record(arrays),
-            METRICS: MetricRecord({"num-examples": len(arrays["lengths"])}),
-            CONFIG: ConfigRecord({"task_key": "0123456789abcdef", "label_words": list(words)}),
-        }
-    )
-    return Message(content, metadata=Metadata(1, "m", 7, 0, "q", "", 0.0, 60.0, "train"))
-
-
 def test_bad_uploads_are_rejected():
     good = {
         "states": np.zeros((5, 4), np.float16),
         "lengths": np.array([2, 3], np.int32),
         "labels": np.array([0, 1], np.int64),
     }
-    upload = decode_upload(_reply(good), 4, train=True)
+    upload = decode_upload(states_reply(good), 4, train=True)
     assert upload.num_samples == 2 and upload.label_words == ["a", "b"]
     bad = [
         ({**good, "lengths": np.array([2, 2], np.int32)}, "add up"),
@@ -299,11 +264,11 @@ def test_bad_uploads_are_rejected():
     ]
     for arrays, reason in bad:
         with pytest.raises(UploadError, match=reason):
-            decode_upload(_reply(arrays), 4, train=True)
+            decode_upload(states_reply(arrays), 4, train=True)
     with pytest.raises(UploadError, match="label_words"):
-        decode_upload(_reply(good, words=("a",)), 4, train=True)
+        decode_upload(states_reply(good, words=("a",)), 4, train=True)
     with pytest.raises(UploadError, match="exactly"):
-        decode_upload(_reply(good), 4, train=False)  # evaluation carries no labels
-    empty = Message(RecordDict({METRICS: MetricRecord({})}), metadata=_reply(good).metadata)
+        decode_upload(states_reply(good), 4, train=False)  # evaluation carries no labels
+    empty = Message(RecordDict({METRICS: MetricRecord({})}), metadata=states_reply(good).metadata)
     with pytest.raises(UploadError, match="records"):
         decode_upload(empty, 4, train=True)

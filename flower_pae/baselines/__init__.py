@@ -8,4 +8,7 @@
 - :mod:`flower_pae.baselines.mobillm`: MobiLLM-style side tuning, the device's frozen
   backbone forwards (every token's states of the selected layers, every round, labels in
   clear) and the server's ladder side network trained on them.
+
+Their devices share :mod:`flower_pae.baselines.base`: PAE's shards and task schedule, and the
+forward-only flow of split learning and MobiLLM.
 """

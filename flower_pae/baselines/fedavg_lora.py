@@ -29,13 +29,14 @@ from flower_pae.backbone import Backbone
 from flower_pae.config import RunConfig
 from flower_pae.data import Example, Task
 from flower_pae.device.cost import PeakMemory, forward_flops, lora_step_flops, matmul_params
-from flower_pae.device.device import Device, TaskEval
-from flower_pae.device.secret import CohortSecret
+from flower_pae.device.device import TaskEval
 from flower_pae.device.shortcut import build_prompt, label_rows
 
 # The reference's own helpers, so that the federated and centralized LoRA score samples the
 # same way (fresh float32 model, left padding, pivot state of the decoder body).
 from flower_pae.references import _decoder, _lora_model, _pivot_states
+
+from .base import BaselineDevice
 
 __all__ = [
     "LORA_DROPOUT",
@@ -170,32 +171,13 @@ def initial_adapter(cfg: RunConfig) -> dict[str, np.ndarray]:
     return model.adapter()
 
 
-class LoRADevice:
-    """One device of the FedAvg + LoRA baseline, on PAE's shards and task schedule.
-
-    Parameters
-    ----------
-    cfg : RunConfig
-        The run's settings (``lora_r``, ``lora_lr``, ``local_epochs``, ``batch_size``, ...).
-    partition_id : int
-        The device's partition (Flower's ``partition-id``).
-    secret : CohortSecret, optional
-        Only for the opaque task keys in metric names, as PAE's devices report them.
-    """
-
-    def __init__(
-        self, cfg: RunConfig, partition_id: int, secret: CohortSecret | None = None
-    ) -> None:
-        self.cfg = cfg
-        self.data = Device(cfg, partition_id, secret)  # shards and schedule; never its backbone
-        self.partition_id = partition_id
+class LoRADevice(BaselineDevice):
+    """One device of the FedAvg + LoRA baseline (settings: ``lora_r``, ``lora_lr``,
+    ``local_epochs``, ``batch_size``, ...), on PAE's shards and task schedule."""
 
     @functools.cached_property
     def model(self) -> LoRAModel:
         return lora_model(self.cfg)
-
-    def _rows(self, index: int, split: str) -> tuple[Task, list[Example]]:
-        return self.data.task(index), self.data._shard(index, split)
 
     # ---- training ------------------------------------------------------------------------
     def train(self, server_round: int, adapter: dict[str, np.ndarray]) -> LoRATrainResult:

@@ -50,14 +50,14 @@ import torch
 from torch import nn
 
 from flower_pae.backbone import Backbone, load_backbone, select_layers
-from flower_pae.config import RunConfig
-from flower_pae.device.cost import PeakMemory, forward_flops, matmul_params
-from flower_pae.device.device import Device, TaskEval
-from flower_pae.device.secret import CohortSecret
+from flower_pae.data import Example, Task
+from flower_pae.device.cost import matmul_params
 from flower_pae.device.shortcut import build_prompt, label_rows
 from flower_pae.wire import encode_activations
 
-from .split_lora import SplitUpload, _positions, pack_states
+from .base import StatesDevice
+from .base import StatesUpload as MobiLLMUpload  # states (Σ T, K, d), lengths, final, labels
+from .split_lora import _positions, pack_states
 
 __all__ = [
     "REDUCTION",
@@ -71,10 +71,6 @@ __all__ = [
 
 # Side-network width d / REDUCTION (LST's reduction factor: 576 → 72 for SmolLM2-135M).
 REDUCTION = 8
-
-# The upload of a shard: the split-learning baseline's record, with the selected layers
-# stacked: states (Σ T, K, d), lengths (N,), final (N, d), labels (N,) to train.
-MobiLLMUpload = SplitUpload
 
 
 # ----------------------------------------------------------------------------- the wire
@@ -371,28 +367,14 @@ class SideServer:
 # ----------------------------------------------------------------------------- device
 
 
-class MobiLLMDevice:
-    """One device of the MobiLLM baseline, on PAE's shards and task schedule.
+class MobiLLMDevice(StatesDevice):
+    """One device of the MobiLLM baseline (settings: ``layers``, ``precision``,
+    ``batch_size``, ``max_tokens``, ...).
 
     It holds the whole frozen backbone (the process's shared copy,
-    :func:`flower_pae.backbone.load_backbone`) and only ever runs it in inference mode.
-
-    Parameters
-    ----------
-    cfg : RunConfig
-        The run's settings (``layers``, ``precision``, ``batch_size``, ``max_tokens``, ...).
-    partition_id : int
-        The device's partition (Flower's ``partition-id``).
-    secret : CohortSecret, optional
-        Only for the opaque task keys, as PAE's devices report them.
+    :func:`flower_pae.backbone.load_backbone`) and only ever runs it in inference mode; so it
+    counts the frozen backbone's correct answers itself (:meth:`eval_upload`).
     """
-
-    def __init__(
-        self, cfg: RunConfig, partition_id: int, secret: CohortSecret | None = None
-    ) -> None:
-        self.cfg = cfg
-        self.data = Device(cfg, partition_id, secret)  # shards and schedule
-        self.partition_id = partition_id
 
     @functools.cached_property
     def backbone(self) -> Backbone:
@@ -407,37 +389,18 @@ class MobiLLMDevice:
         """``P`` of the whole decoder body: the device's forward runs all of it."""
         return matmul_params(self.backbone.model)
 
-    def _forward(self, index: int, split: str) -> MobiLLMUpload:
-        task, examples = self.data.task(index), self.data._shard(index, split)
-        prompts = [
-            build_prompt(self.backbone, task, ex.text, self.cfg.max_tokens) for ex in examples
-        ]
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            arrays, tokens = sequence_states(
-                self.backbone, prompts, self.layers, self.cfg.batch_size, self.cfg.precision
-            )
-            seconds = time.perf_counter() - start
-        return MobiLLMUpload(
-            task_key=self.data.task_key(index),
-            label_words=list(task.labels),
-            arrays=arrays,
-            seconds=seconds,
-            peak_rss_mb=memory.peak_mb,
-            tokens=tokens,
-            flops=forward_flops(self.params, tokens),
+    def _prompts(self, task: Task, examples: Sequence[Example]) -> list[str]:
+        return [build_prompt(self.backbone, task, ex.text, self.cfg.max_tokens) for ex in examples]
+
+    def _states(self, prompts: Sequence[str]) -> tuple[dict[str, np.ndarray], int]:
+        cfg = self.cfg
+        return sequence_states(self.backbone, prompts, self.layers, cfg.batch_size, cfg.precision)
+
+    def describe(self, upload: MobiLLMUpload) -> str:
+        return (
+            f"{len(self.layers)} layers' states of {upload.num_samples} samples "
+            f"({upload.tokens} tokens)"
         )
-
-    def _labels(self, index: int, split: str) -> np.ndarray:
-        return np.asarray([ex.label for ex in self.data._shard(index, split)], dtype=np.int64)
-
-    def train_upload(self, server_round: int) -> MobiLLMUpload:
-        """The current task's training shard, forwarded again (no cache), with its labels in
-        clear (MobiLLM's server trains on them)."""
-        index = self.data.task_index(server_round)
-        upload = self._forward(index, "train")
-        upload.arrays["labels"] = self._labels(index, "train")
-        return upload
 
     def eval_upload(
         self, server_round: int, zero_shot: MutableMapping[str, int] | None = None
@@ -448,38 +411,12 @@ class MobiLLMDevice:
         for the task, ``argmax W_t·h`` against the device's labels: the device has the whole
         backbone, so it needs no server for that.
         """
-        index = self.data.task_index(server_round)
-        upload = self._forward(index, "test")
+        upload = super().eval_upload(server_round)
         if zero_shot is not None:
+            index = self.data.task_index(server_round)
             task = self.data.task(index)
             rows = label_rows(self.backbone, task.labels)
             z = torch.from_numpy(upload.arrays["final"]) @ rows.T
             correct = int((z.argmax(-1).numpy() == self._labels(index, "test")).sum())
             zero_shot[task.name] = correct
         return upload
-
-    def evaluate(
-        self,
-        server_round: int,
-        logits: np.ndarray,
-        zero_shot: MutableMapping[str, int],
-    ) -> list[TaskEval]:
-        """Accuracy counts of the server's ``logits`` for this device's test shard."""
-        index = self.data.task_index(server_round)
-        task = self.data.task(index)
-        labels = self._labels(index, "test")
-        if logits.shape != (len(labels), len(task.labels)):
-            raise ValueError(
-                f"the server's logits have shape {logits.shape}, expected "
-                f"{(len(labels), len(task.labels))}"
-            )
-        if task.name not in zero_shot:
-            raise ValueError(f"no zero-shot count for task {task.name!r} yet")
-        return [
-            TaskEval(
-                task_key=self.data.task_key(index),
-                correct=int((logits.argmax(-1) == labels).sum()),
-                zero_shot_correct=int(zero_shot[task.name]),
-                total=len(labels),
-            )
-        ]

@@ -34,24 +34,22 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from flower_pae.backbone import Backbone
-from flower_pae.config import RunConfig
 from flower_pae.data import Example, Task
-from flower_pae.device.cost import PeakMemory, forward_flops, lora_step_flops, matmul_params
-from flower_pae.device.device import Device, TaskEval
-from flower_pae.device.secret import CohortSecret
+from flower_pae.device.cost import forward_flops, lora_step_flops, matmul_params
 from flower_pae.device.shortcut import build_prompt, label_rows
 
 # The references' helpers: a fresh float32 model with left padding, the peft LoRA copy of the
 # FedAvg baseline, and the decoder body.
 from flower_pae.references import _decoder, _load_fresh, _lora_model
 
+from .base import StatesDevice
+from .base import StatesUpload as SplitUpload  # layer-k states (Σ T, d) fp16, lengths, labels
 from .fedavg_lora import LORA_DROPOUT, LORA_TARGETS
 
 __all__ = [
@@ -326,113 +324,31 @@ class ServerHalf:
 # ----------------------------------------------------------------------------- device
 
 
-@dataclass
-class SplitUpload:
-    """What a device sends: layer-``k`` states of a shard (and its labels, to train)."""
-
-    task_key: str
-    label_words: list[str]
-    arrays: dict[str, np.ndarray]  # states (Σ T, d) fp16, lengths (N,), labels (N,) to train
-    seconds: float = 0.0  # the device's forward (first k layers)
-    peak_rss_mb: float = float("nan")
-    tokens: int = 0
-    flops: float = 0.0
-
-    @property
-    def num_samples(self) -> int:
-        return int(len(self.arrays["lengths"]))
-
-
 @functools.lru_cache(maxsize=4)
 def device_half(model_name: str, split_layer: int) -> DeviceHalf:
     """The process's device half (loaded once per Ray actor)."""
     return DeviceHalf(model_name, split_layer)
 
 
-class SplitDevice:
-    """One device of the split-learning baseline, on PAE's shards and task schedule.
-
-    Parameters
-    ----------
-    cfg : RunConfig
-        The run's settings (``split_layer``, ``batch_size``, ``max_tokens``, ...).
-    partition_id : int
-        The device's partition (Flower's ``partition-id``).
-    secret : CohortSecret, optional
-        Only for the opaque task keys, as PAE's devices report them.
-    """
-
-    def __init__(
-        self, cfg: RunConfig, partition_id: int, secret: CohortSecret | None = None
-    ) -> None:
-        self.cfg = cfg
-        self.data = Device(cfg, partition_id, secret)  # shards and schedule; never its backbone
-        self.partition_id = partition_id
+class SplitDevice(StatesDevice):
+    """One device of the split-learning baseline (settings: ``split_layer``, ``batch_size``,
+    ``max_tokens``, ...): its uploads are the states after layer ``k``, and the server sends
+    the frozen backbone's logits the first time it scores a task (:meth:`evaluate`)."""
 
     @functools.cached_property
     def half(self) -> DeviceHalf:
         return device_half(self.cfg.model, self.cfg.split_layer)
 
-    def _forward(self, index: int, split: str) -> SplitUpload:
-        task, examples = self.data.task(index), self.data._shard(index, split)
-        prompts = self.half.prompts(task, examples, self.cfg.max_tokens)
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            arrays, tokens = self.half.states(prompts, self.cfg.batch_size)
-            seconds = time.perf_counter() - start
-        return SplitUpload(
-            task_key=self.data.task_key(index),
-            label_words=list(task.labels),
-            arrays=arrays,
-            seconds=seconds,
-            peak_rss_mb=memory.peak_mb,
-            tokens=tokens,
-            flops=forward_flops(self.half.params, tokens),
-        )
+    @property
+    def params(self) -> int:
+        """``P`` of the first ``k`` layers: the device's forward runs them only."""
+        return self.half.params
 
-    def train_upload(self, server_round: int) -> SplitUpload:
-        """The current task's training shard through the first ``k`` layers, with its labels
-        in clear (this baseline puts the labels on the server)."""
-        index = self.data.task_index(server_round)
-        upload = self._forward(index, "train")
-        labels = [ex.label for ex in self.data._shard(index, "train")]
-        upload.arrays["labels"] = np.asarray(labels, dtype=np.int64)
-        return upload
+    def _prompts(self, task: Task, examples: Sequence[Example]) -> list[str]:
+        return self.half.prompts(task, examples, self.cfg.max_tokens)
 
-    def eval_upload(self, server_round: int) -> SplitUpload:
-        """The current task's test shard through the first ``k`` layers (no labels)."""
-        return self._forward(self.data.task_index(server_round), "test")
+    def _states(self, prompts: Sequence[str]) -> tuple[dict[str, np.ndarray], int]:
+        return self.half.states(prompts, self.cfg.batch_size)
 
-    def evaluate(
-        self,
-        server_round: int,
-        logits: np.ndarray,
-        zero_shot_logits: np.ndarray | None = None,
-        zero_shot: MutableMapping[str, int] | None = None,
-    ) -> list[TaskEval]:
-        """Accuracy counts of the server's ``logits`` for this device's test shard.
-
-        ``zero_shot`` (the device's persistent state) keeps the frozen backbone's correct
-        count per task, from the first ``zero_shot_logits`` the server sends for it.
-        """
-        index = self.data.task_index(server_round)
-        task, examples = self.data.task(index), self.data._shard(index, "test")
-        labels = np.asarray([ex.label for ex in examples], dtype=np.int64)
-        if logits.shape != (len(labels), len(task.labels)):
-            raise ValueError(
-                f"the server's logits have shape {logits.shape}, expected "
-                f"{(len(labels), len(task.labels))}"
-            )
-        zero_shot = {} if zero_shot is None else zero_shot
-        if zero_shot_logits is not None:
-            zero_shot[task.name] = int((zero_shot_logits.argmax(-1) == labels).sum())
-        if task.name not in zero_shot:
-            raise ValueError(f"no zero-shot logits for task {task.name!r} yet")
-        return [
-            TaskEval(
-                task_key=self.data.task_key(index),
-                correct=int((logits.argmax(-1) == labels).sum()),
-                zero_shot_correct=int(zero_shot[task.name]),
-                total=len(labels),
-            )
-        ]
+    def describe(self, upload: SplitUpload) -> str:
+        return f"layers 1..{self.cfg.split_layer} on {upload.num_samples} samples"
