@@ -14,6 +14,7 @@ from typing import Any
 import tomllib
 
 from flower_pae.device.availability import DROPOUT_MODES
+from flower_pae.wire import DOWNLOAD_PRECISIONS
 
 # Side-network methods: OA-Adapter, the fixed-budget orthogonal baseline (O-LoRA style), one
 # shared adapter (sequential), and two upper bounds: "multitask" trains one shared adapter on
@@ -90,7 +91,7 @@ class RunConfig:
     # server: what it accepts from devices
     clip_targets: float = 0.0  # poisoning defence: clip target norms at k × the median (0: off)
     agreement_neighbours: int = 0  # poisoning defence: drop devices that disagree with k nearest
-    download_precision: str = "fp16"  # side network's weight matrices to evaluating devices
+    download_precision: str = "fp16"  # side network's weight matrices to devices: fp32/fp16/int8
     keep_activations: bool = True  # False: the "no cache" ablation (uploads every round)
     max_upload_mb: float = 512.0  # a larger upload (or refresh) record is rejected unread
     # baseline: FedAvg + LoRA (method = "fedavg_lora"), trained on the devices
@@ -129,7 +130,7 @@ class RunConfig:
         _positive(self, "max_upload_mb")
         _choice(self, "partition", ("iid", "dirichlet"))
         _choice(self, "precision", ("fp16", "int8"))
-        _choice(self, "download_precision", ("fp16", "fp32"))
+        _choice(self, "download_precision", DOWNLOAD_PRECISIONS)
         if not self.keep_activations and self.refresh_step:
             raise ConfigError(
                 "keep_activations=false (no cache) needs one-shot differences: set refresh_step=0"

@@ -17,6 +17,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 ID_BYTES = 16
 PRECISIONS = ("fp16", "int8")
+DOWNLOAD_PRECISIONS = ("fp32", "fp16", "int8")
+SCALE_SUFFIX = ":scale"  # an int8 weight matrix's row scales travel under its name + this
 
 # Record names used in messages (both directions).
 UPLOAD = "upload"  # ArrayRecord: a device's new samples
@@ -87,22 +89,49 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def side_network_records(
-    meta: dict, state: dict[str, torch.Tensor], half: Collection[str] = ()
+    meta: dict,
+    state: dict[str, torch.Tensor],
+    matrices: Collection[str] = (),
+    precision: str = "fp32",
 ) -> RecordDict:
-    """Pack the side network for download: the entries named in ``half`` as float16 arrays,
-    the others as float32; meta as JSON. The device loads them into a float32 network."""
-    arrays = {
-        k: v.detach().cpu().to(torch.float16 if k in half else torch.float32).numpy()
-        for k, v in state.items()
-    }
+    """Pack the side network for download; meta as JSON.
+
+    The entries named in ``matrices`` travel in ``precision``: float16, or int8 with one
+    float16 scale per row (under ``name + SCALE_SUFFIX``); every other entry as float32. The
+    device loads them all into a float32 network (:func:`side_network_from_records`).
+    """
+    if precision not in DOWNLOAD_PRECISIONS:
+        raise ValueError(f"precision must be one of {DOWNLOAD_PRECISIONS}, got {precision!r}")
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in state.items():
+        value = value.detach().cpu().float()
+        if name not in matrices or precision == "fp32":
+            arrays[name] = value.numpy()
+        elif precision == "fp16":
+            arrays[name] = value.half().numpy()
+        else:
+            scales = (value.abs().amax(dim=-1, keepdim=True) / 127.0).half().float()
+            scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+            arrays[name] = torch.round(value / scales).clamp(-127, 127).to(torch.int8).numpy()
+            arrays[name + SCALE_SUFFIX] = scales.squeeze(-1).half().numpy()
     return RecordDict(
         {SIDE_NET: array_record(arrays), SIDE_META: ConfigRecord({"json": json.dumps(meta)})}
     )
 
 
 def side_network_from_records(content: RecordDict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Inverse of :func:`side_network_records`: meta and a float32 (or float16) state."""
     meta = json.loads(str(content[SIDE_META]["json"]))
-    state = {k: torch.from_numpy(v.copy()) for k, v in record_arrays(content[SIDE_NET]).items()}
+    arrays = record_arrays(content[SIDE_NET])
+    state = {}
+    for name, value in arrays.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        tensor = torch.from_numpy(value.copy())
+        if name + SCALE_SUFFIX in arrays:
+            scales = torch.from_numpy(arrays[name + SCALE_SUFFIX].copy()).float()
+            tensor = tensor.float() * scales.unsqueeze(-1)
+        state[name] = tensor
     return meta, state
 
 

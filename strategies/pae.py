@@ -53,6 +53,7 @@ from flower_pae.side_network import LadderSideNetwork, SideNetworkTrainer, Train
 from flower_pae.wire import (
     BASIS,
     CONFIG,
+    DOWNLOAD_PRECISIONS,
     HELD,
     METRICS,
     REFRESH,
@@ -145,9 +146,10 @@ class PAEStrategy(Strategy):
         the samples (activations, targets, which device holds what), so devices forward and
         upload every sample again every round. One-shot differences only (the refresh phase
         needs the server's outputs for the samples it holds).
-    download_precision : {"fp16", "fp32"}
+    download_precision : {"fp16", "fp32", "int8"}
         How the side network's weight matrices travel to evaluating devices: ``"fp16"``
-        halves the download (the device computes in float32; gates, thresholds, the
+        halves the download, ``"int8"`` (one float16 scale per row) quarters it (the device
+        computes in float32; gates, thresholds, the
         standardizer and the protected directions always travel as float32, so which
         dimensions are active and which outputs are protected is exactly the server's).
     max_upload_samples, max_upload_bytes : int
@@ -191,8 +193,11 @@ class PAEStrategy(Strategy):
             raise ValueError(f"refresh_step must be >= 0, got {refresh_step}")
         if clip_targets < 0:
             raise ValueError(f"clip_targets must be >= 0, got {clip_targets}")
-        if download_precision not in ("fp16", "fp32"):
-            raise ValueError(f"download_precision must be fp16 or fp32, got {download_precision!r}")
+        if download_precision not in DOWNLOAD_PRECISIONS:
+            raise ValueError(
+                f"download_precision must be one of {DOWNLOAD_PRECISIONS}, "
+                f"got {download_precision!r}"
+            )
         if not keep_activations and refresh_step:
             raise ValueError("keep_activations=False needs one-shot differences (refresh_step=0)")
         if agreement_neighbours < 0:
@@ -529,12 +534,12 @@ class PAEStrategy(Strategy):
             return []
         nodes = sorted(grid.get_node_ids())
         count = max(1, round(self.fraction_evaluate * len(nodes)))
-        half = ()
-        if self.download_precision == "fp16":
-            half = {name for name, p in self.net.named_parameters() if p.ndim >= 2}
+        matrices = {name for name, p in self.net.named_parameters() if p.ndim >= 2}
         messages = []
         for node in self.sample_nodes(grid, count):
-            content = side_network_records(self.net.meta(), self.net.state_dict(), half)
+            content = side_network_records(
+                self.net.meta(), self.net.state_dict(), matrices, self.download_precision
+            )
             content[CONFIG] = ConfigRecord({**config, "round": server_round})
             messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
         return messages

@@ -699,10 +699,11 @@ class _Nodes:
         return [1, 2]
 
 
-@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+@pytest.mark.parametrize("precision", ["fp16", "fp32", "int8"])
 def test_the_evaluation_download_gives_the_devices_the_servers_network(tmp_path, precision):
-    """fp16 halves the weight matrices' bytes; the device's network then predicts as the
-    server's within fp16 rounding, with the server's exact gates and protected directions."""
+    """fp16 halves the weight matrices' bytes, int8 quarters them (plus a float16 scale per
+    row); the device's network then predicts as the server's within that rounding, with the
+    server's exact gates and protected directions."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from flower_pae.wire import message_bytes, side_network_from_records
@@ -717,13 +718,16 @@ def test_the_evaluation_download_gives_the_devices_the_servers_network(tmp_path,
     for name, value in state.items():
         matrix = name.endswith(("W1", "W2"))
         assert value.dtype == (torch.float16 if matrix and precision == "fp16" else torch.float32)
+        if matrix and precision == "int8":  # dequantized: at most half a step off per entry
+            step = server[name].abs().amax(dim=-1, keepdim=True) / 127
+            assert ((value - server[name]).abs() <= 0.51 * step + 1e-6).all(), name
         if not matrix:
             assert torch.equal(value.flatten(), server[name].float().flatten()), name
     acts = strategy.cache.training_data(TASK)[0]
     with torch.no_grad():
         expected, got = strategy.net.eval()(acts), device_net(acts)
     assert expected.abs().max() > 1e-3
-    tol = 2e-3 * float(expected.abs().max()) if precision == "fp16" else 0.0
+    tol = {"fp16": 2e-3, "int8": 2e-2, "fp32": 0.0}[precision] * float(expected.abs().max())
     torch.testing.assert_close(got, expected, atol=tol, rtol=0)
     weights = sum(v.numel() for n, v in server.items() if n.endswith(("W1", "W2")))
     size = message_bytes(message)
@@ -731,6 +735,15 @@ def test_the_evaluation_download_gives_the_devices_the_servers_network(tmp_path,
     fp32.aggregate_train(1, [_train_reply(n, _class_data(n)[0]) for n in range(1, 5)])
     (reference, _) = fp32.configure_evaluate(2, None, ConfigRecord(), _Nodes())
     saved = message_bytes(reference) - size
-    assert saved == (2 * weights if precision == "fp16" else 0)
+    matrices = [v for n, v in server.items() if n.endswith(("W1", "W2"))]
+    rows = sum(v.shape[0] for v in matrices)
+    # int8: 3 bytes saved per weight, 2 spent per row's scale, and the framing of each
+    # matrix's extra scale array (Flower sends every array as an object with its own ids and
+    # hashes: about 460 bytes)
+    if precision == "int8":
+        framing = 3 * weights - 2 * rows - saved
+        assert 0 < framing < 600 * len(matrices)
+    else:
+        assert saved == (2 * weights if precision == "fp16" else 0)
     with pytest.raises(ValueError, match="download_precision"):
-        _strategy(tmp_path, "bad", download_precision="int8")
+        _strategy(tmp_path, "bad", download_precision="int4")
