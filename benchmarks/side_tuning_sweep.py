@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from flower_pae.backbone import DEFAULT_MODEL, load_backbone, select_layers
 from flower_pae.data import load_task
-from flower_pae.device.shortcut import build_prompt, label_rows, pivot_features
+from flower_pae.device.shortcut import SHORTCUTS, build_prompt, label_rows, pivot_features
 from flower_pae.device.store import ActivationStore
 from flower_pae.oa_adapter import OAAdapterConfig
 from flower_pae.side_network import LadderSideNetwork, SideNetworkTrainer, TrainerConfig
@@ -84,7 +84,13 @@ COMPACT_GRID = [
     for k in (1, 2, 4, 8, 15, 0)
     for p in ("fp16", "int8")
 ]
-GRIDS = {"main": GRID, "decay": DECAY_GRID, "compact": COMPACT_GRID}
+# Fourth grid, for --shortcut mean: the decay grid's neighbourhood of its choice.
+SHORTCUT_GRID = [
+    Setting(refresh=30, epochs=1, eta=eta, weight_decay=wd)
+    for eta in (4.0, 8.0)
+    for wd in (0.01, 0.03)
+]
+GRIDS = {"main": GRID, "decay": DECAY_GRID, "compact": COMPACT_GRID, "shortcut": SHORTCUT_GRID}
 
 _DATA: dict = {}
 
@@ -106,11 +112,11 @@ def _features(args: argparse.Namespace) -> dict:
         prompts = [build_prompt(backbone, task, ex.text, args.max_tokens) for ex in examples]
 
         def compute(batch, _layers=layers):
-            f = pivot_features(backbone, batch, _layers, args.batch_size)
+            f = pivot_features(backbone, batch, _layers, args.batch_size, args.shortcut)
             return f.acts, f.final, f.seconds
 
         if store is not None:
-            acts, final, _ = store.features(args.model, layers, prompts, compute)
+            acts, final, _ = store.features(args.model, layers, prompts, compute, args.shortcut)
         else:
             acts, final, _ = compute(prompts)
         labels = torch.tensor([ex.label for ex in examples])
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         "--features", default=None, help="features file: loaded if it exists, else written"
     )
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shortcut", choices=SHORTCUTS, default="pivot", help="what the devices keep")
     p.add_argument("--grid", choices=sorted(GRIDS), default="main", help="which settings to try")
     p.add_argument("--out", required=True, help="JSON-lines file, one setting per line")
     args = p.parse_args(argv)

@@ -14,6 +14,7 @@ from typing import Any
 import tomllib
 
 from flower_pae.device.availability import DROPOUT_MODES
+from flower_pae.device.shortcut import SHORTCUTS
 from flower_pae.wire import DOWNLOAD_PRECISIONS
 
 # Side-network methods: OA-Adapter, the fixed-budget orthogonal baseline (O-LoRA style), one
@@ -67,6 +68,7 @@ class RunConfig:
     dropout: float = 0.0
     dropout_mode: str = "error"
     layers: str = "all"
+    shortcut: str = "pivot"  # per layer, the pivot token's state (the paper) or the tokens' mean
     precision: str = "fp16"
     batch_size: int = 8
     activation_store: bool = True
@@ -130,6 +132,7 @@ class RunConfig:
         _positive(self, "max_upload_mb")
         _choice(self, "partition", ("iid", "dirichlet"))
         _choice(self, "precision", ("fp16", "int8"))
+        _choice(self, "shortcut", SHORTCUTS)
         _choice(self, "download_precision", DOWNLOAD_PRECISIONS)
         if not self.keep_activations and self.refresh_step:
             raise ConfigError(

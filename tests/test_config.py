@@ -28,6 +28,8 @@ def test_file_then_overrides(tmp_path):
         (["num_devices=0"], "num_devices"),
         (["num_devices=many"], "num_devices"),
         (["precision=fp8"], "precision"),
+        (["shortcut=max"], "shortcut"),
+        (["download_precision=int4"], "download_precision"),
         (["method=magic"], "method"),
         (["fraction_evaluate=1.5"], "fraction_evaluate"),
         (["devices_per_round=20"], "devices_per_round"),

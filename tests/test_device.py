@@ -40,6 +40,24 @@ def test_shortcut_keeps_one_token_and_matches_the_model(tiny_model_dir):
     assert torch.allclose(alone.acts[0], feats.acts[0], atol=1e-4)
 
 
+def test_the_mean_shortcut_averages_each_layer_over_the_prompts_tokens(tiny_model_dir):
+    backbone = load_backbone(str(tiny_model_dir))
+    layers = select_layers("all", backbone.num_layers)
+    mean = pivot_features(backbone, PROMPTS, layers, shortcut="mean")
+    pivot = pivot_features(backbone, PROMPTS, layers)
+    assert mean.acts.shape == pivot.acts.shape
+    assert not torch.allclose(mean.acts, pivot.acts, atol=1e-3)
+    assert torch.equal(mean.final, pivot.final)  # the label logits still come from the pivot
+    for i, prompt in enumerate(PROMPTS):  # each prompt alone, unpadded, by hand
+        enc = backbone.tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            states = backbone.model.get_decoder()(**enc, output_hidden_states=True).hidden_states
+        expected = torch.stack([states[layer][0].mean(0) for layer in layers])
+        assert torch.allclose(mean.acts[i], expected, atol=1e-4)
+    with pytest.raises(ValueError, match="shortcut"):
+        pivot_features(backbone, PROMPTS, layers, shortcut="max")
+
+
 def test_label_words_sharing_a_first_token_stay_distinct(tiny_model_dir):
     backbone = load_backbone(str(tiny_model_dir))
     rows = label_rows(

@@ -33,6 +33,9 @@ def test_store_returns_bit_identical_outputs(tmp_path, tiny_model_dir):
     assert warm[2] == cold[2] > 0  # the first measured forward time is still accounted
     # another layer selection or model is another key
     assert store.key("tiny", [1], PROMPTS[0]) != store.key("tiny", [1, 2], PROMPTS[0])
+    # and another shortcut: the mean's entries never answer for the pivot's
+    assert store.key("tiny", [1], PROMPTS[0], "mean") != store.key("tiny", [1], PROMPTS[0])
+    assert store.key("tiny", [1], PROMPTS[0], "pivot") == store.key("tiny", [1], PROMPTS[0])
 
 
 def _writer(root: str, seed: int) -> None:

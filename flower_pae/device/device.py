@@ -166,12 +166,14 @@ class Device:
         prompts = self._prompts(task, texts)
 
         def compute(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor, float]:
-            f = pivot_features(self.backbone, batch, self.layers, self.cfg.batch_size)
+            f = pivot_features(
+                self.backbone, batch, self.layers, self.cfg.batch_size, self.cfg.shortcut
+            )
             return f.acts, f.final, f.seconds
 
         if self.store is not None:
             acts, final, seconds = self.store.features(
-                self.cfg.model, self.layers, prompts, compute
+                self.cfg.model, self.layers, prompts, compute, self.cfg.shortcut
             )
         else:
             acts, final, seconds = compute(prompts)

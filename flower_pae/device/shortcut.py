@@ -1,7 +1,10 @@
-"""The activation shortcut: one inference-mode forward, keep only the pivot token.
+"""The activation shortcut: one inference-mode forward, keep one vector per selected layer.
 
 The pivot is the last prompt position, where the label word is predicted. For each selected
-layer we keep its hidden state there, ``A ∈ R^{L×d}``; every other position is dropped.
+layer we keep its hidden state there, ``A ∈ R^{L×d}``; every other position is dropped. The
+``"mean"`` shortcut keeps instead, per layer, the mean of the prompt's hidden states over its
+tokens (same shape, same bytes; an extension of the paper's pivot-only shortcut, measured in
+RESULTS.md). Either way the backbone's own label logits come from the pivot's final state.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from flower_pae.backbone import Backbone
+
+SHORTCUTS = ("pivot", "mean")
 
 
 @dataclass
@@ -55,13 +60,16 @@ def pivot_features(
     prompts: Sequence[str],
     layers: Sequence[int],
     batch_size: int = 8,
+    shortcut: str = "pivot",
 ) -> PivotFeatures:
-    """Run the frozen backbone once per prompt and keep only the pivot token's states."""
+    """Run the frozen backbone once per prompt and keep one state per selected layer: the
+    pivot token's, or (``shortcut="mean"``) the mean over the prompt's tokens."""
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
     # The decoder body only: the LM head's logits over the whole vocabulary at every
     # position (B × T × 49k floats for SmolLM2) are never needed on the device.
     tok, model = backbone.tokenizer, backbone.model.get_decoder()
     acts, finals, tokens = [], [], 0
-    idx = torch.tensor(list(layers))
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
@@ -74,9 +82,13 @@ def pivot_features(
             output_hidden_states=True,
             use_cache=False,
         )
-        states = torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1)  # (B, L+1, d)
-        acts.append(states[:, idx, :].float())
-        finals.append(states[:, -1, :].float())
+        finals.append(out.hidden_states[-1][:, -1, :].float())
+        if shortcut == "pivot":
+            states = torch.stack([out.hidden_states[i][:, -1, :] for i in layers], dim=1)
+        else:  # the mean over real tokens; left padding is masked out
+            weights = (mask / mask.sum(-1, keepdim=True)).unsqueeze(-1).to(out.hidden_states[0])
+            states = torch.stack([(out.hidden_states[i] * weights).sum(1) for i in layers], dim=1)
+        acts.append(states.float())  # (B, L, d)
         tokens += int(mask.sum())
     seconds = time.perf_counter() - start
     d = backbone.hidden_size

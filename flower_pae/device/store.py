@@ -40,8 +40,11 @@ class ActivationStore:
     def __post_init__(self) -> None:
         self.root = Path(self.root)
 
-    def key(self, model: str, layers: Sequence[int], prompt: str) -> str:
-        text = "\x1f".join([model, ",".join(map(str, layers)), prompt])
+    def key(self, model: str, layers: Sequence[int], prompt: str, shortcut: str = "pivot") -> str:
+        parts = [model, ",".join(map(str, layers)), prompt]
+        if shortcut != "pivot":  # the pivot's keys predate the other shortcuts: keep them
+            parts.append(shortcut)
+        text = "\x1f".join(parts)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def _path(self, key: str) -> Path:
@@ -88,15 +91,16 @@ class ActivationStore:
         layers: Sequence[int],
         prompts: Sequence[str],
         compute: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor, float]],
+        shortcut: str = "pivot",
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Pivot (acts, final, forward seconds) for ``prompts``; only misses are computed.
+        """(acts, final, forward seconds) for ``prompts``; only misses are computed.
 
         The seconds returned are those the forwards took when first computed, so a run
         that hits the store still accounts the device time of the protocol.
         """
         if not prompts:  # a device with no rows of a split (many devices, few rows)
             return compute([])
-        keys = [self.key(model, layers, p) for p in prompts]
+        keys = [self.key(model, layers, p, shortcut) for p in prompts]
         found = [self.get(k) for k in keys]
         missing = [i for i, e in enumerate(found) if e is None]
         self.stats.hits += len(prompts) - len(missing)
