@@ -27,6 +27,7 @@ class PublicModel:
     layers_spec: str = "all"
     max_tokens: int = 128
     batch_size: int = 8
+    shortcut: str = "pivot"
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> PublicModel:
@@ -35,6 +36,7 @@ class PublicModel:
             layers_spec=str(settings.get("layers", "all")),
             max_tokens=int(settings.get("max_tokens", 128)),
             batch_size=int(settings.get("batch_size", 8)),
+            shortcut=str(settings.get("shortcut", "pivot")),
         )
 
     @functools.cached_property
@@ -47,7 +49,10 @@ class PublicModel:
 
     @property
     def final_index(self) -> int | None:
-        """Position of the backbone's last (normed) layer among the uploaded layers, if sent."""
+        """Position of the backbone's last (normed) layer's pivot state among the uploaded
+        layers, if sent (the mean shortcut never sends a pivot state)."""
+        if self.shortcut != "pivot":
+            return None
         last = self.backbone.num_layers
         return self.layers.index(last) if last in self.layers else None
 
@@ -56,9 +61,9 @@ class PublicModel:
         return label_rows(self.backbone, labels).double().numpy()
 
     def pivot_activations(self, task: Task, texts: list[str]) -> np.ndarray:
-        """What a device would upload for these texts: pivot states (N, L, d), float32."""
+        """What a device would upload for these texts: its shortcut's states (N, L, d), float32."""
         prompts = [build_prompt(self.backbone, task, t, self.max_tokens) for t in texts]
-        feats = pivot_features(self.backbone, prompts, self.layers, self.batch_size)
+        feats = pivot_features(self.backbone, prompts, self.layers, self.batch_size, self.shortcut)
         return feats.acts.numpy()
 
 
