@@ -84,9 +84,11 @@ COMPACT_GRID = [
     for k in (1, 2, 4, 8, 15, 0)
     for p in ("fp16", "int8")
 ]
-# Fourth grid, for --shortcut mean: the decay grid's neighbourhood of its choice.
+# Fourth grid, for --shortcut mean: the decay grid's neighbourhood of its choice, with all
+# layers in fp16 and with the compact grid's choice (int8, the last 8 layers).
 SHORTCUT_GRID = [
-    Setting(refresh=30, epochs=1, eta=eta, weight_decay=wd)
+    Setting(refresh=30, epochs=1, eta=eta, weight_decay=wd, last=last, precision=precision)
+    for last, precision in ((0, "fp16"), (8, "int8"))
     for eta in (4.0, 8.0)
     for wd in (0.01, 0.03)
 ]
