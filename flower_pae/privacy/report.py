@@ -411,11 +411,13 @@ def _markdown(results: list[dict[str, Any]], plots: dict[str, Path]) -> str:
     main = results[0]
     held = main["server_holds"]
     s = main["settings"]
+    states = "pivot states" if s.get("shortcut", "pivot") == "pivot" else "mean states"
     lines = [
         "# Privacy audit: what an honest-but-curious server learns",
         "",
         f"Run `{main['run_dir']}`: model `{s['model']}`, stream `{s['stream']}`, "
         f"{s['num_devices']} devices ({s['partition']}), layers `{s['layers']}`, "
+        f"shortcut `{s.get('shortcut', 'pivot')}`, "
         f"{s['precision']} activations, target_noise {main['target_noise']:g}, seed {s['seed']}.",
         f"Audited {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
@@ -423,7 +425,7 @@ def _markdown(results: list[dict[str, Any]], plots: dict[str, Path]) -> str:
         "through the server's own validation and first-come caching: "
         f"{held['samples']} cached samples in {len(held['task_keys'])} task key(s), "
         f"{held['messages']} messages from {held['nodes']} nodes over {held['rounds']} rounds "
-        f"({held['bytes_up']:,} B up, {held['bytes_down']:,} B down). Per sample: pivot states "
+        f"({held['bytes_up']:,} B up, {held['bytes_down']:,} B down). Per sample: {states} "
         f"{held['activation_shape'][0]} × {held['activation_shape'][1]}, a masked target of "
         f"{held['target_dim']} floats, a 16-byte keyed-hash id, the uploading node and round. "
         "Ground truth (labels, texts, the secret Q) comes from the evaluator's side only, to "
@@ -496,11 +498,11 @@ def _markdown(results: list[dict[str, Any]], plots: dict[str, Path]) -> str:
     lines += ["", f"![geometry]({plots['geometry'].name})", ""]
     if "content" in plots:
         lines += [
-            "## Content leakage from the pivot activations",
+            f"## Content leakage from the uploaded {states}",
             "",
             "The attacker holds a pool of candidate texts (the true one plus distractors from the "
             "same corpus), runs the public backbone with the public prompt template on each, and "
-            "answers the candidate whose pivot states are nearest (Euclidean) to the uploaded "
+            f"answers the candidate whose {states} are nearest (Euclidean) to the uploaded "
             "ones. Top-1 accuracy, against chance 1/pool:",
             "",
             "| task | features | samples | "
@@ -617,7 +619,7 @@ def _conclusion(result: dict[str, Any]) -> str:
             parts.append(
                 f"Given a pool of candidate texts that contains the true one, it picks the right "
                 f"text {_fmt(best.get(f'all_layers_top1_pool{sizes[-1]}'))} of the time from "
-                f"{sizes[-1]} candidates (chance {_fmt(1 / sizes[-1])}): the pivot states are a "
+                f"{sizes[-1]} candidates (chance {_fmt(1 / sizes[-1])}): the uploaded states are a "
                 f"deterministic fingerprint of the prompt."
             )
     informed = o.get("best_attack")
