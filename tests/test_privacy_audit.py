@@ -219,6 +219,7 @@ def test_audit_writes_its_report_and_finds_the_labels(run_dir, tmp_path, capsys)
     assert task["content"]["all_layers_top1_pool20"] > 0.9
     report = (out / "report.md").read_text()
     assert "Label inference" in report and "Content leakage" in report
+    assert "shortcut `pivot`" in report and "uploaded pivot states" in report
     assert "report.md" in capsys.readouterr().out
 
 

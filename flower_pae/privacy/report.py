@@ -244,6 +244,7 @@ def audit_run(
                 "num_devices",
                 "partition",
                 "layers",
+                "shortcut",
                 "precision",
                 "method",
                 "seed",
