@@ -535,11 +535,13 @@ class PAEStrategy(Strategy):
         nodes = sorted(grid.get_node_ids())
         count = max(1, round(self.fraction_evaluate * len(nodes)))
         matrices = {name for name, p in self.net.named_parameters() if p.ndim >= 2}
+        # packed once: every device gets the same network (the records are only read)
+        packed = side_network_records(
+            self.net.meta(), self.net.state_dict(), matrices, self.download_precision
+        )
         messages = []
         for node in self.sample_nodes(grid, count):
-            content = side_network_records(
-                self.net.meta(), self.net.state_dict(), matrices, self.download_precision
-            )
+            content = RecordDict(dict(packed.items()))
             content[CONFIG] = ConfigRecord({**config, "round": server_round})
             messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
         return messages
