@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.serde import message_from_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
@@ -78,6 +79,37 @@ def assert_recorded_bytes(run_dir: Path) -> None:
         msg = message_from_proto(ProtoMessage.FromString(path.read_bytes()))
         assert message_bytes(msg) == row["payload_bytes"], path.name
         assert path.name.startswith(f"{row['round']:04d}-{row['phase']}-{row['direction']}-")
+
+
+def assert_forward_flops(run_dir: Path, params: int) -> None:
+    """Each device reported, every round, the FLOPs of a forward through ``params`` projection
+    weights over its tokens, and positive seconds, peak memory and evaluation cost."""
+    from flower_pae.device.cost import forward_flops
+
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    per_node = metrics[metrics["node_id"].notna()]
+    tokens = per_node[per_node["metric"] == "tokens"].set_index(["round", "node_id"])["value"]
+    flops = per_node[per_node["metric"] == "flops"].set_index(["round", "node_id"])["value"]
+    assert len(flops) == ROUNDS * DEVICES
+    pd.testing.assert_series_equal(
+        flops, tokens.map(lambda t: forward_flops(params, int(t))), check_names=False
+    )
+    for name in ("forward_seconds", "peak_rss_mb", "eval_seconds", "eval_flops"):
+        rows = per_node[per_node["metric"] == name]
+        assert len(rows) == ROUNDS * DEVICES and (rows["value"] > 0).all(), name
+
+
+def assert_analysis_reads(run_dir: Path, method: str) -> None:
+    """``analysis`` loads the run: its method, and the devices' seconds and FLOPs that
+    ``summary.json`` reports."""
+    from analysis import device_cost, load_run, overview
+
+    run = load_run(run_dir)
+    assert overview([run]).loc[run.name, "method"] == method
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cost = device_cost(run).loc[run.name]
+    assert cost["forward_seconds_total"] == pytest.approx(summary["device_cost"]["forward_seconds"])
+    assert cost["flops_total"] == pytest.approx(summary["device_cost"]["train_flops"])
 
 
 def wire_messages(

@@ -16,13 +16,14 @@ from flwr.app import Message, MetricRecord, RecordDict
 
 from flower_pae.backbone import load_backbone
 from flower_pae.config import ConfigError, RunConfig
-from flower_pae.device.cost import forward_flops
 from flower_pae.server.validation import UploadError
 from strategies.mobillm import CONFIG, LOGITS, METRICS, SCORES, STATES, decode_upload
 from tests.run_contract import (
     DEVICES,
     ROUNDS,
     STREAM,
+    assert_analysis_reads,
+    assert_forward_flops,
     assert_recorded_bytes,
     assert_run_directory,
     round_messages,
@@ -243,30 +244,13 @@ def test_the_wire_carries_states_labels_for_training_only_and_logits(baseline_ru
         for name in ("states", "lengths", "labels"):
             assert np.array_equal(upload.arrays[name], first[node].arrays[name])
     # the devices' FLOPs are the forward of the whole decoder
-    metrics = pd.read_parquet(baseline_run / "metrics.parquet")
-    per_node = metrics[metrics["node_id"].notna()]
     params = MobiLLMDevice(baseline_cfg, 0).params
     assert params == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)  # two tiny layers
-    tokens = per_node[per_node["metric"] == "tokens"].set_index(["round", "node_id"])["value"]
-    flops = per_node[per_node["metric"] == "flops"].set_index(["round", "node_id"])["value"]
-    assert len(flops) == ROUNDS * DEVICES
-    pd.testing.assert_series_equal(
-        flops, tokens.map(lambda t: forward_flops(params, int(t))), check_names=False
-    )
-    for name in ("forward_seconds", "peak_rss_mb", "eval_seconds", "eval_flops"):
-        rows = per_node[per_node["metric"] == name]
-        assert len(rows) == ROUNDS * DEVICES and (rows["value"] > 0).all(), name
+    assert_forward_flops(baseline_run, params)
 
 
 def test_analysis_reads_the_run(baseline_run):
-    from analysis import device_cost, load_run, overview
-
-    run = load_run(baseline_run)
-    assert overview([run]).loc[run.name, "method"] == "mobillm"
-    summary = json.loads((baseline_run / "summary.json").read_text())
-    cost = device_cost(run).loc[run.name]
-    assert cost["forward_seconds_total"] == pytest.approx(summary["device_cost"]["forward_seconds"])
-    assert cost["flops_total"] == pytest.approx(summary["device_cost"]["train_flops"])
+    assert_analysis_reads(baseline_run, "mobillm")
 
 
 # ---- settings and bad uploads ----------------------------------------------------------------

@@ -14,7 +14,6 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
 from flower_pae.config import ConfigError, RunConfig
-from flower_pae.device.cost import forward_flops
 from flower_pae.references import _decoder, _load_fresh, _pivot_states
 from flower_pae.server.validation import UploadError
 from strategies.split_lora import CONFIG, LOGITS, METRICS, SCORES, STATES, decode_upload
@@ -22,6 +21,8 @@ from tests.run_contract import (
     DEVICES,
     ROUNDS,
     STREAM,
+    assert_analysis_reads,
+    assert_forward_flops,
     assert_recorded_bytes,
     assert_run_directory,
     round_messages,
@@ -177,30 +178,13 @@ def test_the_wire_carries_states_labels_and_logits(baseline_run, baseline_cfg):
                 "total",
             }
     # the devices' FLOPs are the forward of their first split_layer layers
-    metrics = pd.read_parquet(baseline_run / "metrics.parquet")
-    per_node = metrics[metrics["node_id"].notna()]
     params = device_half(baseline_cfg.model, baseline_cfg.split_layer).params
     assert params == 2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128  # one tiny layer
-    tokens = per_node[per_node["metric"] == "tokens"].set_index(["round", "node_id"])["value"]
-    flops = per_node[per_node["metric"] == "flops"].set_index(["round", "node_id"])["value"]
-    assert len(flops) == ROUNDS * DEVICES
-    pd.testing.assert_series_equal(
-        flops, tokens.map(lambda t: forward_flops(params, int(t))), check_names=False
-    )
-    for name in ("forward_seconds", "peak_rss_mb", "eval_seconds", "eval_flops"):
-        rows = per_node[per_node["metric"] == name]
-        assert len(rows) == ROUNDS * DEVICES and (rows["value"] > 0).all(), name
+    assert_forward_flops(baseline_run, params)
 
 
 def test_analysis_reads_the_run(baseline_run):
-    from analysis import device_cost, load_run, overview
-
-    run = load_run(baseline_run)
-    assert overview([run]).loc[run.name, "method"] == "split_lora"
-    summary = json.loads((baseline_run / "summary.json").read_text())
-    cost = device_cost(run).loc[run.name]
-    assert cost["forward_seconds_total"] == pytest.approx(summary["device_cost"]["forward_seconds"])
-    assert cost["flops_total"] == pytest.approx(summary["device_cost"]["train_flops"])
+    assert_analysis_reads(baseline_run, "split_lora")
 
 
 # ---- settings and bad uploads ----------------------------------------------------------------
