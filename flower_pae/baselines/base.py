@@ -1,7 +1,7 @@
 """What the baselines' devices share: PAE's shards and schedule, and the forward-only flow.
 
 Every baseline device sits on the PAE device's shards and task schedule
-(:class:`flower_pae.device.device.Device`, never its backbone), so that all methods see the
+(:class:`flower_pae.device.device.Device`, never its forward), so that all methods see the
 same rows: :class:`BaselineDevice`. The devices that only forward (split learning, MobiLLM)
 also share their flow, :class:`StatesDevice`: a frozen forward of a shard into a
 :class:`StatesUpload`, the training labels in clear, and the counts of the label logits the
@@ -43,7 +43,7 @@ class BaselineDevice:
         self, cfg: RunConfig, partition_id: int, secret: CohortSecret | None = None
     ) -> None:
         self.cfg = cfg
-        self.data = Device(cfg, partition_id, secret)  # shards and schedule; never its backbone
+        self.data = Device(cfg, partition_id, secret)  # shards and schedule; never its forward
         self.partition_id = partition_id
 
     def _rows(self, index: int, split: str) -> tuple[Task, list[Example]]:

@@ -371,18 +371,18 @@ class MobiLLMDevice(StatesDevice):
     """One device of the MobiLLM baseline (settings: ``layers``, ``precision``,
     ``batch_size``, ``max_tokens``, ...).
 
-    It holds the whole frozen backbone (the process's shared copy,
-    :func:`flower_pae.backbone.load_backbone`) and only ever runs it in inference mode; so it
-    counts the frozen backbone's correct answers itself (:meth:`eval_upload`).
+    It holds the whole frozen backbone and its selected layers, as PAE's device does (the same
+    process-wide copy) and only ever runs it in inference mode; so it counts the frozen
+    backbone's correct answers itself (:meth:`eval_upload`).
     """
 
-    @functools.cached_property
+    @property
     def backbone(self) -> Backbone:
-        return load_backbone(self.cfg.model)
+        return self.data.backbone
 
-    @functools.cached_property
+    @property
     def layers(self) -> list[int]:
-        return select_layers(self.cfg.layers, self.backbone.num_layers)
+        return self.data.layers
 
     @functools.cached_property
     def params(self) -> int:
