@@ -127,11 +127,10 @@ def side_network_from_records(content: RecordDict) -> tuple[dict, dict[str, torc
     for name, value in arrays.items():
         if name.endswith(SCALE_SUFFIX):
             continue
-        tensor = torch.from_numpy(value.copy())
-        if name + SCALE_SUFFIX in arrays:
-            scales = torch.from_numpy(arrays[name + SCALE_SUFFIX].copy()).float()
-            tensor = tensor.float() * scales.unsqueeze(-1)
-        state[name] = tensor
+        if name + SCALE_SUFFIX in arrays:  # int8 rows with their scales, as activations travel
+            state[name] = decode_activations({"acts": value, "scales": arrays[name + SCALE_SUFFIX]})
+        else:
+            state[name] = torch.from_numpy(value.copy())
     return meta, state
 
 
