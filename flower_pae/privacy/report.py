@@ -412,13 +412,14 @@ def _markdown(results: list[dict[str, Any]], plots: dict[str, Path]) -> str:
     main = results[0]
     held = main["server_holds"]
     s = main["settings"]
-    states = "pivot states" if s.get("shortcut", "pivot") == "pivot" else "mean states"
+    shortcut = s.get("shortcut") or "pivot"  # runs from before the setting recorded none
+    states = f"{shortcut} states"
     lines = [
         "# Privacy audit: what an honest-but-curious server learns",
         "",
         f"Run `{main['run_dir']}`: model `{s['model']}`, stream `{s['stream']}`, "
         f"{s['num_devices']} devices ({s['partition']}), layers `{s['layers']}`, "
-        f"shortcut `{s.get('shortcut', 'pivot')}`, "
+        f"shortcut `{shortcut}`, "
         f"{s['precision']} activations, target_noise {main['target_noise']:g}, seed {s['seed']}.",
         f"Audited {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
