@@ -45,7 +45,7 @@ class Setting:
     lr: float = 3e-4
     out_lr: float = 0.05
     weight_decay: float = 0.0
-    last: int = 0  # 0: every layer's pivot state; K: only the last K layers'
+    last: int = 0  # 0: every layer's state; K: only the last K layers'
     precision: str = "fp16"  # as uploaded: "fp16" or "int8" (one scale per layer)
 
     @property
@@ -133,7 +133,7 @@ def _subset(split: dict, index: torch.Tensor) -> dict:
 
 
 def _as_uploaded(split: dict, s: Setting) -> dict:
-    """The pivot states the server would hold under ``s``: its layers, its precision."""
+    """The states the server would hold under ``s``: its layers, its precision."""
     acts = split["acts"][:, -s.last :] if s.last else split["acts"]
     acts = decode_activations(encode_activations(acts, s.precision))
     return {**split, "acts": acts}

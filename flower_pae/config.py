@@ -15,7 +15,7 @@ import tomllib
 
 from flower_pae.device.availability import DROPOUT_MODES
 from flower_pae.device.shortcut import SHORTCUTS
-from flower_pae.wire import DOWNLOAD_PRECISIONS
+from flower_pae.wire import DOWNLOAD_PRECISIONS, PRECISIONS
 
 # Side-network methods: OA-Adapter, the fixed-budget orthogonal baseline (O-LoRA style), one
 # shared adapter (sequential), and two upper bounds: "multitask" trains one shared adapter on
@@ -131,7 +131,7 @@ class RunConfig:
         _non_negative(self, "checkpoint_every", "stop_after", "agreement_neighbours")
         _positive(self, "max_upload_mb")
         _choice(self, "partition", ("iid", "dirichlet"))
-        _choice(self, "precision", ("fp16", "int8"))
+        _choice(self, "precision", PRECISIONS)
         _choice(self, "shortcut", SHORTCUTS)
         _choice(self, "download_precision", DOWNLOAD_PRECISIONS)
         if not self.keep_activations and self.refresh_step:

@@ -149,9 +149,9 @@ class PAEStrategy(Strategy):
     download_precision : {"fp16", "fp32", "int8"}
         How the side network's weight matrices travel to evaluating devices: ``"fp16"``
         halves the download, ``"int8"`` (one float16 scale per row) quarters it (the device
-        computes in float32; gates, thresholds, the
-        standardizer and the protected directions always travel as float32, so which
-        dimensions are active and which outputs are protected is exactly the server's).
+        computes in float32; gates, thresholds, the standardizer and the protected
+        directions always travel as float32, so which dimensions are active and which
+        outputs are protected is exactly the server's).
     max_upload_samples, max_upload_bytes : int
         Caps on one reply's upload (and refresh) record; a larger one is rejected unread.
     checkpoint_dir : Path, optional
