@@ -68,6 +68,31 @@ def traffic_per_round(run: Run) -> pd.DataFrame:
     return table.astype("int64")
 
 
+def call_latency(run: Run) -> pd.DataFrame:
+    """How long each device call took: its reply's ``created_at`` minus its request's.
+
+    That is the time from the server building the request to the device building its reply:
+    Flower's queueing and transport plus the device's work (the reply's own transport back
+    is not included). Runs recorded before ``created_at`` existed have no rows.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per answered call: ``round``, ``phase``, ``node_id``, ``request_at``,
+        ``reply_at`` (Unix seconds) and ``seconds``.
+    """
+    msgs = run.messages
+    columns = ["round", "phase", "node_id", "request_at", "reply_at", "seconds"]
+    if "created_at" not in msgs:
+        return pd.DataFrame(columns=columns)
+    keys = ["round", "phase", "node_id"]
+    down = msgs[msgs["direction"] == "down"].groupby(keys)["created_at"].max()
+    up = msgs[msgs["direction"] == "up"].groupby(keys)["created_at"].max()
+    table = pd.concat({"request_at": down, "reply_at": up}, axis=1, join="inner").reset_index()
+    table["seconds"] = table["reply_at"] - table["request_at"]
+    return table[columns].sort_values(["round", "phase", "reply_at"], ignore_index=True)
+
+
 def _aggregated(run: Run, metric: str) -> pd.DataFrame:
     m = run.metrics
     return m[(m["metric"] == metric) & m["node_id"].isna() & m["task"].notna()]

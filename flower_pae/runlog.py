@@ -1,6 +1,8 @@
 """The run directory: the contract that tests, benchmarks and ``analysis`` rely on.
 
-- ``messages.parquet``: one row per Flower message, both directions, with its serialized bytes;
+- ``messages.parquet``: one row per Flower message, both directions, with its serialized bytes
+  and when its sender built it (``created_at``: a request's and its reply's give the call's
+  latency, :func:`analysis.call_latency`);
 - ``metrics.parquet``: long format (round, task, node_id, metric, value);
 - ``config.json``: every setting, the seed and package versions;
 - ``summary.json``: final figures.
@@ -30,6 +32,7 @@ MESSAGE_COLUMNS = [
     "payload_bytes",
     "num_samples",
     "ok",
+    "created_at",
 ]
 METRIC_COLUMNS = ["round", "task", "node_id", "metric", "value"]
 _PACKAGES = ("flower-pae", "flwr", "torch", "transformers", "peft", "ray", "pandas", "numpy")
@@ -101,6 +104,9 @@ class RunRecorder:
             "payload_bytes": message_bytes(message),
             "num_samples": int(num_samples),
             "ok": not message.has_error(),
+            # Flower's own stamp (Unix seconds): the server built a request then, the device
+            # its reply.
+            "created_at": float(message.metadata.created_at),
         }
         self._messages.append(row)
         if self.record_wire:
@@ -129,7 +135,12 @@ class RunRecorder:
 
     def messages_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self._messages, columns=MESSAGE_COLUMNS).astype(
-            {"node_id": "uint64", "payload_bytes": "int64", "num_samples": "int64"}
+            {
+                "node_id": "uint64",
+                "payload_bytes": "int64",
+                "num_samples": "int64",
+                "created_at": "float64",
+            }
         )
 
     def metrics_frame(self) -> pd.DataFrame:

@@ -7,6 +7,7 @@ that nothing else is ever sent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection
 
@@ -132,6 +133,19 @@ def side_network_from_records(content: RecordDict) -> tuple[dict, dict[str, torc
         else:
             state[name] = torch.from_numpy(value.copy())
     return meta, state
+
+
+def side_network_digest(content: RecordDict) -> str:
+    """SHA-256 of a side-network download (meta and every array's name, dtype, shape, bytes).
+
+    Equal digests mean equal networks: a device process that receives the same network for
+    several of its devices may rebuild it once.
+    """
+    digest = hashlib.sha256(str(content[SIDE_META]["json"]).encode())
+    for name, array in sorted(content[SIDE_NET].items()):
+        digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
 
 
 def message_bytes(message: Message) -> int:

@@ -7,6 +7,7 @@ from its run config, its node config (partition id) and the messages it receives
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from logging import INFO
 
 import torch
@@ -28,10 +29,16 @@ from flower_pae.wire import (
     array_record,
     array_to_ids,
     record_arrays,
+    side_network_digest,
     side_network_from_records,
 )
 
 _DEVICES: dict[tuple[str, int], Device] = {}
+# The last side networks this process rebuilt, by digest of their download: the devices an
+# actor serves in one round receive the same network, and rebuilding it is most of their
+# evaluation's work with a warm store. Each download still crosses the wire and is counted.
+_SIDE_NETWORKS: OrderedDict[str, LadderSideNetwork] = OrderedDict()
+_SIDE_NETWORKS_KEPT = 2
 
 
 def _device(cfg: RunConfig, context: Context) -> Device:
@@ -51,6 +58,20 @@ def _availability(cfg: RunConfig, context: Context, server_round: int) -> None:
     """
     pid = int(context.node_config["partition-id"])
     drop_out(cfg.seed, server_round, pid, cfg.dropout, cfg.dropout_mode, cfg.timeout)
+
+
+def _side_network(content: RecordDict) -> LadderSideNetwork:
+    """The downloaded side network, rebuilt once per process for each distinct download."""
+    digest = side_network_digest(content)
+    if digest in _SIDE_NETWORKS:
+        _SIDE_NETWORKS.move_to_end(digest)
+        return _SIDE_NETWORKS[digest]
+    meta, state = side_network_from_records(content)
+    net = LadderSideNetwork.from_state(meta, state)
+    _SIDE_NETWORKS[digest] = net
+    while len(_SIDE_NETWORKS) > _SIDE_NETWORKS_KEPT:
+        _SIDE_NETWORKS.popitem(last=False)
+    return net
 
 
 class _TestFeatureStore:
@@ -123,8 +144,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         device = _device(settings(context), context)
         server_round = int(msg.content[CONFIG]["round"])
-        meta, state = side_network_from_records(msg.content)
-        net = LadderSideNetwork.from_state(meta, state)
+        net = _side_network(msg.content)
         results = device.evaluate(server_round, net, _TestFeatureStore(context.state))
         seen = [r for r in results if not r.upcoming]
         metrics: dict[str, int | float] = {"num-examples": sum(r.total for r in seen)}

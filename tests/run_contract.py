@@ -42,6 +42,7 @@ MESSAGE_COLUMNS = {
     "task_key",
     "payload_bytes",
     "num_samples",
+    "created_at",
 }
 
 
@@ -78,6 +79,7 @@ def assert_recorded_bytes(run_dir: Path) -> None:
     for (_, row), path in zip(messages.iterrows(), dumps, strict=True):
         msg = message_from_proto(ProtoMessage.FromString(path.read_bytes()))
         assert message_bytes(msg) == row["payload_bytes"], path.name
+        assert msg.metadata.created_at == row["created_at"], path.name
         assert path.name.startswith(f"{row['round']:04d}-{row['phase']}-{row['direction']}-")
 
 

@@ -173,6 +173,20 @@ def test_per_device_and_per_round_bytes(run_dir: Path) -> None:
     assert (per_round["total"] == 2 * 1100 + 800 + 20).all()
 
 
+def test_call_latency_needs_the_timestamps(run_dir: Path) -> None:
+    """A run recorded before ``created_at`` existed has no latencies, not an error."""
+    latency = analysis.call_latency(load_run(run_dir))
+    assert latency.empty
+    assert list(latency.columns) == [
+        "round",
+        "phase",
+        "node_id",
+        "request_at",
+        "reply_at",
+        "seconds",
+    ]
+
+
 def test_accuracy_over_rounds(run_dir: Path) -> None:
     table = accuracy_over_rounds(load_run(run_dir))
     assert list(table.columns) == ["sst2", "boolq"]

@@ -149,3 +149,32 @@ def test_real_smollm2_simulation_with_four_devices(tmp_path, smollm2_dir):
     (key,) = summary["task_keys"]
     assert 0.0 <= summary["final_accuracy"][key] <= 1.0
     assert json.loads((tmp_path / "run" / "tasks.json").read_text())[key] == "bbc"
+
+
+def test_a_device_process_rebuilds_each_distinct_side_network_once():
+    """Devices of one process that receive the same download share one rebuilt network; a
+    download that differs in one weight is rebuilt, and each computes what the server's does."""
+    from flower_pae.side_network import LadderSideNetwork
+    from flower_pae.wire import side_network_records
+    from simulations.client_app import _side_network
+
+    def download(net):
+        matrices = {name for name, p in net.named_parameters() if p.ndim >= 2}
+        return side_network_records(net.meta(), net.state_dict(), matrices, "fp32")
+
+    net = LadderSideNetwork(3, 16, out_rank=4, seed=5)
+    net.add_task("a")
+    net.fit_standardizer(torch.randn(20, 3, 16))
+    with torch.no_grad():
+        net.task_sets[0].out.W2.normal_()
+    first = _side_network(download(net))
+    assert _side_network(download(net)) is first
+    with torch.no_grad():
+        net.task_sets[0].out.W2[0, 0] += 1.0
+    second = _side_network(download(net))
+    assert second is not first
+    acts = torch.randn(7, 3, 16)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(second(acts), net(acts), rtol=0, atol=0)
+        assert not torch.allclose(first(acts), net(acts))

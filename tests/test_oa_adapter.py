@@ -117,6 +117,25 @@ def test_sparsity_pressure_prunes_unneeded_dims() -> None:
     assert a.active_params() < 8 * 12 + 8
 
 
+@pytest.mark.parametrize("tau", [0.0, 0.4, -0.4])
+def test_sparsity_penalty_is_the_l1_norm_of_the_gates(tau: float) -> None:
+    """``sparsity · Σ|γ|`` in value and gradient, for active, inactive and sign-flipped gates
+    (and a threshold at 0, where ``|τ|`` has a unit slope)."""
+    cfg = OAAdapterConfig(r_max=6, sparsity=0.3, inactive_grad=1.0)
+    a, b = (OAAdapter(4, 4, cfg, dtype=torch.float64) for _ in range(2))
+    for adapter in (a, b):
+        with torch.no_grad():
+            adapter.g.copy_(torch.tensor([0.9, -0.7, 0.1, -0.2, 0.0, 1.5], dtype=torch.float64))
+            adapter.tau.fill_(tau)
+    a.sparsity_penalty().backward()
+    by_gates = cfg.sparsity * b.gate().abs().sum()
+    by_gates.backward()
+    assert a.sparsity_penalty().item() == pytest.approx(by_gates.item(), abs=1e-15)
+    torch.testing.assert_close(a.g.grad, b.g.grad, rtol=0, atol=1e-15)
+    torch.testing.assert_close(a.tau.grad, b.tau.grad, rtol=0, atol=1e-15)
+    assert (a.g.grad != 0).any()
+
+
 def test_fixed_mode_is_plain_low_rank() -> None:
     a = OAAdapter(5, 4, OAAdapterConfig(r_max=3, mode="fixed"))
     assert torch.equal(a.gate(), torch.ones(3))

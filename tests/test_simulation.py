@@ -201,6 +201,26 @@ def test_analysis_reads_the_run(run_dir):
     assert sorted(run.task_names.values()) == ["bbc", "rotten_tomatoes"]
 
 
+def test_call_latency_pairs_each_request_with_its_reply(run_dir):
+    """Every answered call gets one latency row from the two messages' Flower timestamps, and
+    the timeline is the protocol's: no round's request is built before the last round's
+    replies came in, nor a round's evaluation before its training replies."""
+    from analysis import call_latency, load_run
+
+    run = load_run(run_dir)
+    latency = call_latency(run)
+    replies = run.messages[run.messages["direction"] == "up"]
+    assert len(latency) == len(replies)
+    assert (latency["seconds"] > 0).all()
+    first_request = latency.groupby(["round", "phase"])["request_at"].min()
+    last_reply = latency.groupby(["round", "phase"])["reply_at"].max()
+    rounds = sorted(latency["round"].unique())
+    for r in rounds:
+        assert first_request[(r, "evaluate")] >= last_reply[(r, "train")]
+        if r + 1 in rounds:
+            assert first_request[(r + 1, "train")] >= last_reply[(r, "evaluate")]
+
+
 def test_report_builds_from_the_run_and_its_tables_match_the_dataframes(run_dir, tmp_path):
     from analysis import bytes_table, load_run, overview, per_device_bytes, write_report
 

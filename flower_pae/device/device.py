@@ -121,6 +121,7 @@ class Device:
         self.secret = secret or CohortSecret.for_process(cache_dir() / "cohort_secret")
         rng = random.Random(f"{cfg.seed}:stagger:{partition_id}")
         self.offset = rng.randint(0, cfg.stagger_rounds) if cfg.stagger_rounds else 0
+        self._label_rows_of: dict[int, torch.Tensor] = {}
 
     @functools.cached_property
     def backbone(self) -> Backbone:
@@ -299,6 +300,39 @@ class Device:
             store[name] = out
         return out
 
+    def _label_rows(self, index: int) -> torch.Tensor:
+        """The LM-head rows of a task's label words (computed once per task)."""
+        rows = self._label_rows_of.get(index)
+        if rows is None:
+            rows = self._label_rows_of[index] = label_rows(self.backbone, self.task(index).labels)
+        return rows
+
+    def _side_outputs(
+        self, side_network, feats: dict[int, dict[str, torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """The side network's (masked) outputs on each task's test rows.
+
+        Every method but the oracle sums all tasks' adapters whatever the task, so all tasks'
+        rows go through the network in one batch; the oracle is told each task (``route``).
+        """
+        if self.cfg.method != "oracle":
+            side_network.route = None
+            if not feats:
+                return {}
+            out = side_output(side_network, torch.cat([f["acts"] for f in feats.values()]))
+            sizes = [len(f["acts"]) for f in feats.values()]
+            return dict(zip(feats, out.split(sizes), strict=True))
+        sides = {}
+        for index, task_feats in feats.items():
+            key = self.task_key(index)
+            if key in side_network.task_keys:
+                side_network.route = key
+                sides[index] = side_output(side_network, task_feats["acts"])
+            else:  # the oracle has no adapters for this task yet
+                sides[index] = torch.zeros_like(task_feats["acts"][:, 0])
+        side_network.route = None
+        return sides
+
     def evaluate(self, server_round: int, side_network, store: dict | None = None):
         """Evaluate the downloaded side network on every task this device has met so far.
 
@@ -306,27 +340,24 @@ class Device:
         what forward transfer needs (accuracy on a task before training on it).
         """
         q = self.secret.rotation(self.backbone.hidden_size)
-        results = []
         current = self.task_index(server_round)
-        for index in range(min(current + 2, len(self.specs))):
-            feats = self.test_features(index, store)
-            rows = label_rows(self.backbone, self.task(index).labels)
-            if feats["labels"].numel() == 0:
-                continue
-            # Only the oracle upper bound is told the task; every other method sums all tasks.
-            key = self.task_key(index)
-            side_network.route = key if self.cfg.method == "oracle" else None
-            if side_network.route is not None and key not in side_network.task_keys:
-                side = torch.zeros_like(feats["acts"][:, 0])  # the oracle has no net for it yet
-            else:
-                side = unmask(side_output(side_network, feats["acts"]), q)
-            pred = additive_prediction(feats["logits"], rows, side, self.space)
+        indices = range(min(current + 2, len(self.specs)))
+        feats = {i: self.test_features(i, store) for i in indices}
+        feats = {i: f for i, f in feats.items() if f["labels"].numel()}
+        sides = self._side_outputs(side_network, feats)
+        results = []
+        for index, task_feats in feats.items():
+            side = unmask(sides[index], q)
+            rows = self._label_rows(index)
+            pred = additive_prediction(task_feats["logits"], rows, side, self.space)
             results.append(
                 TaskEval(
                     task_key=self.task_key(index),
-                    correct=int((pred == feats["labels"]).sum()),
-                    zero_shot_correct=int((feats["logits"].argmax(-1) == feats["labels"]).sum()),
-                    total=int(feats["labels"].numel()),
+                    correct=int((pred == task_feats["labels"]).sum()),
+                    zero_shot_correct=int(
+                        (task_feats["logits"].argmax(-1) == task_feats["labels"]).sum()
+                    ),
+                    total=int(task_feats["labels"].numel()),
                     upcoming=index > current,
                 )
             )

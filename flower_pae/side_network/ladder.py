@@ -337,16 +337,17 @@ class LadderSideNetwork(nn.Module):
         if self.route is not None:
             sets = [self.task_sets[self._index(self.route)]]
         mu = torch.sigmoid(self.alpha)
+        # (1 − μ_l)·Â_l of every layer l ≥ 2 in one op; each ladder then adds μ_l·h_{l−1}.
+        own = ((1 - mu)[:, None, None] * x[:, 1:].transpose(0, 1)).unbind(0)
+        mus = mu.unbind(0)
         out = None
         for ts in sets:
             # Each task's adapters run their own ladder over the shared (frozen) inputs, so a
             # later task never changes the hidden path an earlier task's output map reads;
             # tasks then meet only in the summed outputs, where orthogonality keeps them apart.
-            h = x[:, 0]
-            for layer in range(self.num_layers):
-                inp = (
-                    x[:, 0] if layer == 0 else (1 - mu[layer - 1]) * x[:, layer] + mu[layer - 1] * h
-                )
+            h = x[:, 0] + ts.layers[0](x[:, 0])
+            for layer in range(1, self.num_layers):
+                inp = own[layer - 1] + mus[layer - 1] * h
                 h = inp + ts.layers[layer](inp)
             o = ts.output(h)
             out = o if out is None else out + o

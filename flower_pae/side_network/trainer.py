@@ -108,10 +108,13 @@ class SideNetworkTrainer:
                             lr=c.out_lr,
                             momentum=c.out_momentum,
                             weight_decay=c.weight_decay,
+                            foreach=True,
                         )
                     )
                 else:
-                    opts.append(torch.optim.Adam(out_w2, lr=c.lr, weight_decay=c.weight_decay))
+                    opts.append(
+                        torch.optim.Adam(out_w2, lr=c.lr, weight_decay=c.weight_decay, foreach=True)
+                    )
             if other:
                 gates = {
                     id(p) for ts in self.net.task_sets for _, a in ts.slots() for p in (a.g, a.tau)
@@ -120,7 +123,7 @@ class SideNetworkTrainer:
                     {"params": [p for p in other if id(p) not in gates], "lr": c.lr},
                     {"params": [p for p in other if id(p) in gates], "lr": c.gate_lr or c.lr},
                 ]
-                opts.append(torch.optim.Adam([g for g in groups if g["params"]]))
+                opts.append(torch.optim.Adam([g for g in groups if g["params"]], foreach=True))
             self._optimizers = opts
             self._opt_key = key
         return self._optimizers
