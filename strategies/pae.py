@@ -687,9 +687,11 @@ class PAEStrategy(Strategy):
     def _exchange(
         self, grid: Grid, server_round: int, phase: str, messages: list[Message], timeout: float
     ) -> list[Message]:
+        pushed = list(grid.push_messages(messages))
+        # Recorded (serialized and measured) while the devices work, not before they start.
         for msg in messages:
             self.recorder.message(server_round, phase, msg, "down")
-        replies = _send_and_receive(grid, messages, timeout, f"round {server_round} {phase}")
+        replies = _receive_replies(grid, pushed, timeout, f"round {server_round} {phase}")
         for reply in replies:
             n, key = 0, None
             if not reply.has_error() and phase == "train" and UPLOAD in reply.content:
@@ -1005,11 +1007,12 @@ def _bytes_by_phase(messages) -> dict[str, int]:
     return {f"{phase}/{direction}": int(v) for (phase, direction), v in totals.items()}
 
 
-def _send_and_receive(
-    grid: Grid, messages: list[Message], timeout: float, what: str
+def _receive_replies(
+    grid: Grid, message_ids: list[str], timeout: float, what: str
 ) -> list[Message]:
-    """``grid.send_and_receive`` that logs progress every few seconds on long phases."""
-    pending = set(grid.push_messages(messages))
+    """The replies to pushed messages, as ``grid.send_and_receive`` waits for them, logging
+    progress every few seconds on long phases."""
+    pending = set(message_ids)
     total, replies = len(pending), []
     start = last_log = time.monotonic()
     while pending and time.monotonic() - start < timeout:
