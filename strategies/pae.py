@@ -14,8 +14,10 @@ directory, and :meth:`PAEStrategy.resume` continues a stopped run where it stopp
 
 from __future__ import annotations
 
+import importlib
 import logging
 import random
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -631,6 +633,11 @@ class PAEStrategy(Strategy):
         it stops (checkpointed, with the outputs written so far) after that round.
         """
         self.summary()
+        # torch imports its compiler stack (≈1–2 s) when the first optimizer is built, i.e.
+        # in round 1 while every device waits; import it now, while the devices start.
+        threading.Thread(
+            target=importlib.import_module, args=("torch._dynamo",), daemon=True
+        ).start()
         _wait_for_nodes(grid, self.num_devices, timeout)
         self._check_nodes(sorted(grid.get_node_ids()))
         result = Result()
