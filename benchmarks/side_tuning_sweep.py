@@ -92,7 +92,21 @@ SHORTCUT_GRID = [
     for eta in (4.0, 8.0)
     for wd in (0.01, 0.03)
 ]
-GRIDS = {"main": GRID, "decay": DECAY_GRID, "compact": COMPACT_GRID, "shortcut": SHORTCUT_GRID}
+# Fifth grid, for --shortcut mean (issue 5's byte budget): int8 states of the last K layers,
+# for the K whose run fits the budget (RESULTS.md, "A configuration chosen by a byte budget").
+BUDGET_GRID = [
+    Setting(refresh=30, epochs=1, eta=eta, weight_decay=wd, last=k, precision="int8")
+    for k in (8, 9, 10, 11, 12, 13, 14)
+    for eta in (4.0, 8.0)
+    for wd in (0.01, 0.03)
+]
+GRIDS = {
+    "main": GRID,
+    "decay": DECAY_GRID,
+    "compact": COMPACT_GRID,
+    "shortcut": SHORTCUT_GRID,
+    "budget": BUDGET_GRID,
+}
 
 _DATA: dict = {}
 

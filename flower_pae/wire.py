@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Collection
 
 import numpy as np
@@ -19,7 +20,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 ID_BYTES = 16
 PRECISIONS = ("fp16", "int8")
 DOWNLOAD_PRECISIONS = ("fp32", "fp16", "int8")
-SCALE_SUFFIX = ":scale"  # an int8 weight matrix's row scales travel under its name + this
+SCALE_SUFFIX = ":scale"  # an int8 weight matrix's scales travel under its name + this
 
 # Record names used in messages (both directions).
 UPLOAD = "upload"  # ArrayRecord: a device's new samples
@@ -33,8 +34,8 @@ HELD = "held"  # ArrayRecord: ids the server caches for the receiving node; in t
 # as coefficients)
 REFRESH = "refresh"  # ArrayRecord: fresh masked differences of held samples (refresh phase)
 REFRESH_KEYS = {"ids", "targets"}
-SIDE_NET = "side_net"  # ArrayRecord: the side network's weights
-SIDE_META = "side_meta"  # ConfigRecord: how to rebuild the side network
+SIDE_NET = "side_net"  # ArrayRecord: the side network's weights, one flat array per dtype
+SIDE_META = "side_meta"  # ConfigRecord: how to rebuild the side network, how to unpack it
 CONFIG = "config"  # ConfigRecord: round settings
 METRICS = "metrics"  # MetricRecord: device-side figures
 
@@ -89,41 +90,74 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
+def pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list]:
+    """One flat array per dtype, and the layout (name, dtype, shape of each, in order).
+
+    Flower frames every Array of a record as an object of its own (about 460 bytes of ids and
+    hashes), so a network of many small arrays travels as a few flat ones.
+    """
+    flat: dict[str, list[np.ndarray]] = {}
+    layout = []
+    for name, value in arrays.items():
+        flat.setdefault(value.dtype.name, []).append(np.ravel(value))
+        layout.append([name, value.dtype.name, list(value.shape)])
+    return {dtype: np.concatenate(parts) for dtype, parts in flat.items()}, layout
+
+
+def unpack_arrays(flat: dict[str, np.ndarray], layout: list) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_arrays`; raises ValueError if the layout does not fit."""
+    offsets = dict.fromkeys(flat, 0)
+    arrays = {}
+    for name, dtype, shape in layout:
+        start, size = offsets.get(dtype, 0), math.prod(shape)
+        if dtype not in flat or start + size > flat[dtype].size:
+            raise ValueError(f"layout entry {name!r} ({dtype}, {shape}) runs past the arrays")
+        arrays[name] = flat[dtype][start : start + size].reshape(shape)
+        offsets[dtype] = start + size
+    if any(offsets[dtype] != values.size for dtype, values in flat.items()):
+        raise ValueError("the layout leaves array entries unused")
+    return arrays
+
+
 def side_network_records(
     meta: dict,
     state: dict[str, torch.Tensor],
     matrices: Collection[str] = (),
     precision: str = "fp32",
+    halved: Collection[str] = (),
 ) -> RecordDict:
-    """Pack the side network for download; meta as JSON.
+    """Pack the side network for download: one flat array per dtype, meta and layout as JSON.
 
     The entries named in ``matrices`` travel in ``precision``: float16, or int8 with one
-    float16 scale per row (under ``name + SCALE_SUFFIX``); every other entry as float32. The
-    device loads them all into a float32 network (:func:`side_network_from_records`).
+    float16 scale per row (under ``name + SCALE_SUFFIX``); those named in
+    ``halved`` (the standardizer) as float16 unless ``precision`` is fp32; every other entry
+    as float32. With fp32 the network arrives exactly. The device loads them all into a
+    float32 network (:func:`side_network_from_records`).
     """
     if precision not in DOWNLOAD_PRECISIONS:
         raise ValueError(f"precision must be one of {DOWNLOAD_PRECISIONS}, got {precision!r}")
     arrays: dict[str, np.ndarray] = {}
     for name, value in state.items():
         value = value.detach().cpu().float()
-        if name not in matrices or precision == "fp32":
+        if precision == "fp32" or name not in {*matrices, *halved}:
             arrays[name] = value.numpy()
-        elif precision == "fp16":
+        elif precision == "fp16" or name not in matrices:
             arrays[name] = value.half().numpy()
-        else:
+        else:  # scales rounded to float16 first: each entry within half a step of its row's
             scales = (value.abs().amax(dim=-1, keepdim=True) / 127.0).half().float()
             scales = torch.where(scales > 0, scales, torch.ones_like(scales))
             arrays[name] = torch.round(value / scales).clamp(-127, 127).to(torch.int8).numpy()
             arrays[name + SCALE_SUFFIX] = scales.squeeze(-1).half().numpy()
-    return RecordDict(
-        {SIDE_NET: array_record(arrays), SIDE_META: ConfigRecord({"json": json.dumps(meta)})}
-    )
+    flat, layout = pack_arrays(arrays)
+    meta_record = ConfigRecord({"json": json.dumps(meta), "layout": json.dumps(layout)})
+    return RecordDict({SIDE_NET: array_record(flat), SIDE_META: meta_record})
 
 
 def side_network_from_records(content: RecordDict) -> tuple[dict, dict[str, torch.Tensor]]:
     """Inverse of :func:`side_network_records`: meta and a float32 (or float16) state."""
     meta = json.loads(str(content[SIDE_META]["json"]))
-    arrays = record_arrays(content[SIDE_NET])
+    layout = json.loads(str(content[SIDE_META]["layout"]))
+    arrays = unpack_arrays(record_arrays(content[SIDE_NET]), layout)
     state = {}
     for name, value in arrays.items():
         if name.endswith(SCALE_SUFFIX):

@@ -70,6 +70,9 @@ from flower_pae.wire import (
 
 log = logging.getLogger("flower_pae")
 
+# The side network's input standardizer: in a lossy download it travels as float16.
+STANDARDIZER = ("input_mean", "input_std")
+
 
 @dataclass
 class _TaskLog:
@@ -150,10 +153,10 @@ class PAEStrategy(Strategy):
         needs the server's outputs for the samples it holds).
     download_precision : {"fp16", "fp32", "int8"}
         How the side network's weight matrices travel to evaluating devices: ``"fp16"``
-        halves the download, ``"int8"`` (one float16 scale per row) quarters it (the device
-        computes in float32; gates, thresholds, the standardizer and the protected
-        directions always travel as float32, so which dimensions are active and which
-        outputs are protected is exactly the server's).
+        halves the download, ``"int8"`` (one float16 scale per row) quarters it; with either,
+        the standardizer travels as float16 too. The device computes in float32; gates,
+        thresholds and the protected directions always travel as float32, so which
+        dimensions are active and which outputs are protected is exactly the server's.
     max_upload_samples, max_upload_bytes : int
         Caps on one reply's upload (and refresh) record; a larger one is rejected unread.
     checkpoint_dir : Path, optional
@@ -539,7 +542,11 @@ class PAEStrategy(Strategy):
         matrices = {name for name, p in self.net.named_parameters() if p.ndim >= 2}
         # packed once: every device gets the same network (the records are only read)
         packed = side_network_records(
-            self.net.meta(), self.net.state_dict(), matrices, self.download_precision
+            self.net.meta(),
+            self.net.state_dict(),
+            matrices,
+            self.download_precision,
+            halved=STANDARDIZER,
         )
         messages = []
         for node in self.sample_nodes(grid, count):

@@ -702,8 +702,9 @@ class _Nodes:
 @pytest.mark.parametrize("precision", ["fp16", "fp32", "int8"])
 def test_the_evaluation_download_gives_the_devices_the_servers_network(tmp_path, precision):
     """fp16 halves the weight matrices' bytes, int8 quarters them (plus a float16 scale per
-    row); the device's network then predicts as the server's within that rounding, with the
-    server's exact gates and protected directions."""
+    row), and both send the standardizer as float16; the device's network then predicts as
+    the server's within that rounding, with the server's exact gates and protected
+    directions. fp32 is exact."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from flower_pae.wire import message_bytes, side_network_from_records
@@ -715,13 +716,18 @@ def test_the_evaluation_download_gives_the_devices_the_servers_network(tmp_path,
     meta, state = side_network_from_records(message.content)
     device_net = LadderSideNetwork.from_state(meta, state).eval()
     server = dict(strategy.net.state_dict())
+    assert list(state) == list(server)
+    standardizer = ("input_mean", "input_std")
     for name, value in state.items():
         matrix = name.endswith(("W1", "W2"))
-        assert value.dtype == (torch.float16 if matrix and precision == "fp16" else torch.float32)
+        halved = precision != "fp32" and (name in standardizer or matrix and precision == "fp16")
+        assert value.dtype == (torch.float16 if halved else torch.float32), name
         if matrix and precision == "int8":  # dequantized: at most half a step off per entry
             step = server[name].abs().amax(dim=-1, keepdim=True) / 127
             assert ((value - server[name]).abs() <= 0.51 * step + 1e-6).all(), name
-        if not matrix:
+        elif halved:
+            assert torch.equal(value, server[name].half()), name
+        else:
             assert torch.equal(value.flatten(), server[name].float().flatten()), name
     acts = strategy.cache.training_data(TASK)[0]
     with torch.no_grad():
@@ -729,21 +735,22 @@ def test_the_evaluation_download_gives_the_devices_the_servers_network(tmp_path,
     assert expected.abs().max() > 1e-3
     tol = {"fp16": 2e-3, "int8": 2e-2, "fp32": 0.0}[precision] * float(expected.abs().max())
     torch.testing.assert_close(got, expected, atol=tol, rtol=0)
-    weights = sum(v.numel() for n, v in server.items() if n.endswith(("W1", "W2")))
-    size = message_bytes(message)
-    fp32 = _strategy(tmp_path, f"{precision}-ref", download_precision="fp32")
-    fp32.aggregate_train(1, [_train_reply(n, _class_data(n)[0]) for n in range(1, 5)])
-    (reference, _) = fp32.configure_evaluate(2, None, ConfigRecord(), _Nodes())
-    saved = message_bytes(reference) - size
+    # the bytes: the entries at their precision, the layout, and the framing of one flat
+    # array per dtype (Flower sends every array as an object with its own ids and hashes)
     matrices = [v for n, v in server.items() if n.endswith(("W1", "W2"))]
-    rows = sum(v.shape[0] for v in matrices)
-    # int8: 3 bytes saved per weight, 2 spent per row's scale, and the framing of each
-    # matrix's extra scale array (Flower sends every array as an object with its own ids and
-    # hashes: about 460 bytes)
-    if precision == "int8":
-        framing = 3 * weights - 2 * rows - saved
-        assert 0 < framing < 600 * len(matrices)
-    else:
-        assert saved == (2 * weights if precision == "fp16" else 0)
+    weights, rows = sum(v.numel() for v in matrices), sum(v.shape[0] for v in matrices)
+    halves = sum(server[n].numel() for n in standardizer)
+    floats = sum(v.numel() for v in server.values()) - weights - halves
+    payload = {
+        "fp32": 4 * (floats + weights + halves),
+        "fp16": 4 * floats + 2 * (weights + halves),
+        "int8": 4 * floats + weights + 2 * rows + 2 * halves,
+    }[precision]
+    texts = sum(len(str(v)) for v in message.content["side_meta"].values())
+    framing = message_bytes(message) - payload - texts
+    dtypes = {"fp32": 1, "fp16": 2, "int8": 3}[precision]
+    assert len(message.content["side_net"]) == dtypes
+    # about 650 bytes for the message and its records, 450 per array (59 arrays before packing)
+    assert 0 < framing < 700 + 500 * dtypes
     with pytest.raises(ValueError, match="download_precision"):
         _strategy(tmp_path, "bad", download_precision="int4")

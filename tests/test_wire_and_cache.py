@@ -89,3 +89,87 @@ def test_bad_uploads_are_rejected_with_a_reason(mutate, needle):
 def test_upload_shape_must_match_earlier_uploads():
     with pytest.raises(UploadError, match="expected"):
         validate_upload(_upload(2, layers=4), "abcd", (3, 8), width=8)
+
+
+# ---- the side network's download (packed: one flat array per dtype) -----------------------
+def _side_network(layers: int = 8, hidden: int = 576, rank: int = 16):
+    from flower_pae.oa_adapter import OAAdapterConfig
+    from flower_pae.side_network import LadderSideNetwork
+
+    gen = torch.Generator().manual_seed(0)
+    net = LadderSideNetwork(layers, hidden, OAAdapterConfig(r_max=rank), out_rank=rank)
+    net.add_task("task")
+    # hidden states with a few large dimensions (mean 300, std 5), as a backbone's have
+    offset = torch.zeros(hidden)
+    offset[:4] = 300.0
+    acts = torch.randn(64, layers, hidden, generator=gen) * (1 + 4 * (offset > 0)) + offset
+    net.fit_standardizer(acts)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim >= 2:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return net.eval(), acts
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_the_device_computes_the_servers_outputs_after_the_download(precision):
+    """Full size (8 layers of 576, rank 16): the device's outputs match the server's within
+    the download's rounding (fp32 exactly), and the message is the payload, its layout and
+    the framing of one array per dtype: every byte counted is in ``message_bytes``."""
+    from flower_pae.side_network import LadderSideNetwork
+    from flower_pae.wire import side_network_from_records, side_network_records
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    net, acts = _side_network()
+    matrices = {n for n, p in net.named_parameters() if p.ndim >= 2}
+    standardizer = ("input_mean", "input_std")
+    content = side_network_records(
+        net.meta(), net.state_dict(), matrices, precision, halved=standardizer
+    )
+    device_net = LadderSideNetwork.from_state(*side_network_from_records(content)).eval()
+    with torch.no_grad():
+        expected, got = net(acts), device_net(acts)
+    tol = {"fp32": 0.0, "fp16": 2e-3, "int8": 2e-2}[precision] * float(expected.abs().max())
+    torch.testing.assert_close(got, expected, atol=tol, rtol=0)
+
+    state = net.state_dict()
+    weights = sum(state[n].numel() for n in matrices)
+    rows = sum(state[n].shape[0] for n in matrices)
+    halves = sum(state[n].numel() for n in standardizer)
+    floats = sum(v.numel() for v in state.values()) - weights - halves
+    payload = {
+        "fp32": 4 * (floats + weights + halves),
+        "fp16": 4 * floats + 2 * (weights + halves),
+        "int8": 4 * floats + weights + 2 * rows + 2 * halves,
+    }[precision]
+    assert sum(a.numpy().nbytes for a in content["side_net"].values()) == payload
+    message = Message(content, dst_node_id=3, message_type="evaluate")
+    texts = sum(len(str(v)) for v in content["side_meta"].values())
+    framing = message_bytes(message) - payload - texts
+    assert 0 < framing < 500 * (len(content["side_net"]) + 1)
+    if precision == "int8":  # 242,225 bytes as 59 arrays (per-array framing, fp32 standardizer)
+        assert message_bytes(message) < 202_000
+
+
+def test_packed_arrays_round_trip_and_a_layout_that_does_not_fit_is_refused():
+    from flower_pae.wire import pack_arrays, unpack_arrays
+
+    arrays = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.ones((4,), np.int8),
+        "c": np.float32(2.5).reshape(()),
+        "d": np.zeros((3, 0), np.float32),
+        "e": np.full((2, 2), 7, np.int8),
+    }
+    flat, layout = pack_arrays(arrays)
+    assert sorted(flat) == ["float32", "int8"]
+    back = unpack_arrays(flat, layout)
+    assert list(back) == list(arrays)
+    for name, value in arrays.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+    with pytest.raises(ValueError, match="runs past"):
+        unpack_arrays(flat, [*layout, ["f", "int8", [1]]])
+    with pytest.raises(ValueError, match="runs past"):
+        unpack_arrays(flat, [["g", "float16", [1]]])
+    with pytest.raises(ValueError, match="unused"):
+        unpack_arrays(flat, layout[:-1])
