@@ -170,12 +170,14 @@ def side_network_from_records(content: RecordDict) -> tuple[dict, dict[str, torc
 
 
 def side_network_digest(content: RecordDict) -> str:
-    """SHA-256 of a side-network download (meta and every array's name, dtype, shape, bytes).
+    """SHA-256 of a side-network download (meta, layout and every array's name, dtype, shape
+    and bytes).
 
     Equal digests mean equal networks: a device process that receives the same network for
     several of its devices may rebuild it once.
     """
-    digest = hashlib.sha256(str(content[SIDE_META]["json"]).encode())
+    meta = content[SIDE_META]
+    digest = hashlib.sha256(f"{meta['json']}|{meta['layout']}|".encode())
     for name, array in sorted(content[SIDE_NET].items()):
         digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
         digest.update(array.data)
