@@ -40,14 +40,27 @@ CONFIG = "config"  # ConfigRecord: round settings
 METRICS = "metrics"  # MetricRecord: device-side figures
 
 
+def quantize_int8(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """int8 entries and one float16 scale per row (over the last dimension).
+
+    A row's scale is its largest magnitude / 127, rounded to float16 *before* quantizing, so
+    every dequantized entry is within half a step of the scale that travels. An all-zero row
+    gets scale 1. Activations (a scale per sample and layer) and the side network's weight
+    matrices (a scale per row) both travel this way; :func:`decode_activations` inverts it.
+    """
+    scales = (values.abs().amax(dim=-1, keepdim=True) / 127.0).half().float()
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(values / scales).clamp(-127, 127).to(torch.int8)
+    return q.numpy(), scales.squeeze(-1).half().numpy()
+
+
 def encode_activations(acts: torch.Tensor, precision: str) -> dict[str, np.ndarray]:
     """Quantize pivot activations (N, L, d) for upload: fp16, or int8 with a scale per layer."""
     if precision == "fp16":
         return {"acts": acts.to(torch.float16).numpy()}
     if precision == "int8":
-        scales = acts.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
-        q = torch.round(acts / scales).clamp(-127, 127).to(torch.int8)
-        return {"acts": q.numpy(), "scales": scales.squeeze(-1).to(torch.float16).numpy()}
+        q, scales = quantize_int8(acts)
+        return {"acts": q, "scales": scales}
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
@@ -143,11 +156,8 @@ def side_network_records(
             arrays[name] = value.numpy()
         elif precision == "fp16" or name not in matrices:
             arrays[name] = value.half().numpy()
-        else:  # scales rounded to float16 first: each entry within half a step of its row's
-            scales = (value.abs().amax(dim=-1, keepdim=True) / 127.0).half().float()
-            scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-            arrays[name] = torch.round(value / scales).clamp(-127, 127).to(torch.int8).numpy()
-            arrays[name + SCALE_SUFFIX] = scales.squeeze(-1).half().numpy()
+        else:
+            arrays[name], arrays[name + SCALE_SUFFIX] = quantize_int8(value)
     flat, layout = pack_arrays(arrays)
     meta_record = ConfigRecord({"json": json.dumps(meta), "layout": json.dumps(layout)})
     return RecordDict({SIDE_NET: array_record(flat), SIDE_META: meta_record})
