@@ -351,3 +351,32 @@ def test_a_later_task_never_changes_an_earlier_tasks_predictions() -> None:
         _net("sequential").add_task("a", protected=span_a)
     with pytest.raises(ValueError, match="protected must be"):
         _net().add_task("a", protected=span_a[:5])
+
+
+def test_frozen_tasks_output_computed_once_per_fit_trains_the_same(monkeypatch) -> None:
+    """The trainer adds earlier tasks' frozen outputs computed once per fit; the current task
+    trains exactly as with the whole network run at every step."""
+    torch.manual_seed(0)
+    acts, targets = torch.randn(40, 3, 16), torch.randn(40, 16)
+
+    def trained(cache_constant: bool) -> LadderSideNetwork:
+        net = LadderSideNetwork(3, 16, out_rank=4, seed=2)
+        trainer = SideNetworkTrainer(net, TrainerConfig(epochs=3, batch_size=16, seed=1))
+        for key in ("a", "b", "c"):
+            net.add_task(key)
+            trainer.fit(acts, targets * (1 + len(net.task_keys)))
+        if not cache_constant:
+            monkeypatch.setattr(LadderSideNetwork, "constant_sets", lambda self: [])
+        trainer.fit(acts, targets)
+        monkeypatch.undo()
+        return net
+
+    assert trained(True).constant_sets() == [0, 1]
+    cached, uncached = trained(True), trained(False)
+    cached_state, uncached_state = cached.state_dict(), uncached.state_dict()
+    for (name, p), q in zip(cached_state.items(), uncached_state.values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            cached.constant_output(acts) + cached(acts, skip_constant=True), cached(acts)
+        )

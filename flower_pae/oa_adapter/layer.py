@@ -205,15 +205,15 @@ def orthogonality_loss(current_W2: Tensor, historical: list[Tensor]) -> Tensor:
     Tensor
         Scalar; zero for an empty list. Invariant to a common rotation of the output space.
     """
-    total = current_W2.new_zeros(())
     for h in historical:
         if h.ndim != 2 or h.shape[0] != current_W2.shape[0]:
             raise ValueError(
                 f"historical basis of shape {tuple(h.shape)} does not match current W2 of shape "
                 f"{tuple(current_W2.shape)} (need ({current_W2.shape[0]}, k))"
             )
-        if h.shape[1] == 0:
-            continue
-        h = h.to(device=current_W2.device, dtype=current_W2.dtype)
-        total = total + (current_W2.T @ h).pow(2).sum()
-    return total
+    bases = [h for h in historical if h.shape[1]]
+    if not bases:
+        return current_W2.new_zeros(())
+    # Σ_s ‖W2ᵀ·H_s‖² = ‖W2ᵀ·[H_1 … H_S]‖²: one product for all earlier tasks.
+    h = torch.cat(bases, dim=1).to(device=current_W2.device, dtype=current_W2.dtype)
+    return (current_W2.T @ h).pow(2).sum()

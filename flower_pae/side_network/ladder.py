@@ -327,21 +327,34 @@ class LadderSideNetwork(nn.Module):
                 f"got {tuple(acts.shape)}"
             )
 
-    def forward(self, acts: Tensor) -> Tensor:
-        """Side output ``(N, out_dim)`` from pivot activations ``(N, L, d)``."""
+    def forward(self, acts: Tensor, *, skip_constant: bool = False) -> Tensor:
+        """Side output ``(N, out_dim)`` from pivot activations ``(N, L, d)``.
+
+        ``skip_constant`` leaves out the task sets that no training can change any more
+        (:meth:`constant_sets`); the trainer adds their :meth:`constant_output`, computed
+        once per fit instead of once per step.
+        """
+        sets = list(range(len(self.task_sets)))
+        if self.route is not None:
+            sets = [self._index(self.route)]
+        elif skip_constant:
+            constant = set(self.constant_sets())
+            sets = [i for i in sets if i not in constant]
+        return self._output(acts, sets)
+
+    def _output(self, acts: Tensor, sets: list[int]) -> Tensor:
+        """The summed outputs of the task sets ``sets`` (indices, summed in order)."""
         self._check_acts(acts)
         x = (acts.to(self.input_mean.dtype) - self.input_mean) / self.input_std
-        if len(self.task_sets) == 0:
-            return x.new_zeros(x.shape[0], self.out_dim)
-        sets = list(self.task_sets)
-        if self.route is not None:
-            sets = [self.task_sets[self._index(self.route)]]
+        out = x.new_zeros(x.shape[0], self.out_dim)
+        if not sets:
+            return out
         mu = torch.sigmoid(self.alpha)
         # (1 − μ_l)·Â_l of every layer l ≥ 2 in one op; each ladder then adds μ_l·h_{l−1}.
         own = ((1 - mu)[:, None, None] * x[:, 1:].transpose(0, 1)).unbind(0)
         mus = mu.unbind(0)
-        out = None
-        for ts in sets:
+        for n, index in enumerate(sets):
+            ts = self.task_sets[index]
             # Each task's adapters run their own ladder over the shared (frozen) inputs, so a
             # later task never changes the hidden path an earlier task's output map reads;
             # tasks then meet only in the summed outputs, where orthogonality keeps them apart.
@@ -350,9 +363,22 @@ class LadderSideNetwork(nn.Module):
                 inp = own[layer - 1] + mus[layer - 1] * h
                 h = inp + ts.layers[layer](inp)
             o = ts.output(h)
-            out = o if out is None else out + o
-        assert out is not None
+            out = o if n == 0 else out + o
         return out
+
+    def constant_sets(self) -> list[int]:
+        """Indices of the task sets whose output no training can change: frozen, while the
+        ladder gates and the standardizer are frozen too. Frozen sets come first, so summing
+        them before the rest keeps the order of the sum."""
+        if self.alpha.requires_grad or not bool(self.standardizer_fitted):
+            return []
+        return [i for i, ts in enumerate(self.task_sets) if ts.frozen]
+
+    @torch.no_grad()
+    def constant_output(self, acts: Tensor) -> Tensor | None:
+        """The summed output of :meth:`constant_sets` (``None`` if there are none)."""
+        constant = self.constant_sets()
+        return self._output(acts, constant) if constant else None
 
     # ------------------------------------------------------------ penalties
     def _bases(self, index: int) -> dict[int | str, Tensor]:

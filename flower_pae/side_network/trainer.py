@@ -197,6 +197,8 @@ class SideNetworkTrainer:
         was_training = self.net.training
         self.net.train()
         n_epochs = self.config.epochs if epochs is None else int(epochs)
+        # Earlier tasks' frozen outputs are the same at every step: computed once here.
+        constant = None if self.net.route is not None else self.net.constant_output(acts)
         for _ in range(n_epochs):
             perm = torch.randperm(n, generator=self._generator).to(acts.device)
             sums = dict.fromkeys(history, 0.0)
@@ -204,7 +206,10 @@ class SideNetworkTrainer:
                 idx = perm[start : start + bs]
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                pred = self.net(acts[idx])
+                if constant is None:
+                    pred = self.net(acts[idx])
+                else:
+                    pred = constant[idx] + self.net(acts[idx], skip_constant=True)
                 mse = (pred - targets[idx]).pow(2).sum(1).mean()
                 orth = self.net.orthogonality_penalty()
                 sparsity = self.net.sparsity_penalty()
