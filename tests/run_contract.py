@@ -5,7 +5,7 @@ helpers their tests share."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +143,21 @@ def states_reply(arrays: dict[str, np.ndarray], words: tuple[str, ...] = ("a", "
         }
     )
     return Message(content, metadata=Metadata(1, "m", 7, 0, "q", "", 0.0, 60.0, "train"))
+
+
+def download_payload_bytes(
+    state: dict, matrices: Iterable[str], halved: Iterable[str], precision: str
+) -> int:
+    """Bytes of a side network's entries as ``wire.side_network_records`` packs them: the
+    matrices in ``precision`` (int8 with a float16 scale per row), the ``halved`` entries as
+    float16 unless fp32, everything else as float32."""
+    matrices, halved = list(matrices), list(halved)
+    weights = sum(state[n].numel() for n in matrices)
+    rows = sum(state[n].shape[0] for n in matrices)
+    halves = sum(state[n].numel() for n in halved)
+    floats = sum(v.numel() for v in state.values()) - weights - halves
+    return {
+        "fp32": 4 * (floats + weights + halves),
+        "fp16": 4 * floats + 2 * (weights + halves),
+        "int8": 4 * floats + weights + 2 * rows + 2 * halves,
+    }[precision]

@@ -31,6 +31,7 @@ from flower_pae.server.robust import clip_target_norms, disagreeing_devices
 from flower_pae.side_network import LadderSideNetwork, TrainerConfig
 from flower_pae.wire import BASIS, CONFIG, METRICS, REFRESH, UPLOAD, array_record, ids_to_array
 from strategies.pae import PAEStrategy
+from tests.run_contract import download_payload_bytes
 
 LAYERS, D = 2, 8
 TASK = "0123456789abcdef"
@@ -737,15 +738,8 @@ def test_the_evaluation_download_gives_the_devices_the_servers_network(tmp_path,
     torch.testing.assert_close(got, expected, atol=tol, rtol=0)
     # the bytes: the entries at their precision, the layout, and the framing of one flat
     # array per dtype (Flower sends every array as an object with its own ids and hashes)
-    matrices = [v for n, v in server.items() if n.endswith(("W1", "W2"))]
-    weights, rows = sum(v.numel() for v in matrices), sum(v.shape[0] for v in matrices)
-    halves = sum(server[n].numel() for n in standardizer)
-    floats = sum(v.numel() for v in server.values()) - weights - halves
-    payload = {
-        "fp32": 4 * (floats + weights + halves),
-        "fp16": 4 * floats + 2 * (weights + halves),
-        "int8": 4 * floats + weights + 2 * rows + 2 * halves,
-    }[precision]
+    matrices = [n for n in server if n.endswith(("W1", "W2"))]
+    payload = download_payload_bytes(server, matrices, standardizer, precision)
     texts = sum(len(str(v)) for v in message.content["side_meta"].values())
     framing = message_bytes(message) - payload - texts
     dtypes = {"fp32": 1, "fp16": 2, "int8": 3}[precision]

@@ -17,6 +17,7 @@ from flower_pae.wire import (
     ids_to_array,
     message_bytes,
 )
+from tests.run_contract import download_payload_bytes
 
 
 def _upload(n: int, start: int = 0, layers: int = 3, d: int = 8, precision: str = "fp16"):
@@ -135,16 +136,7 @@ def test_the_device_computes_the_servers_outputs_after_the_download(precision):
     tol = {"fp32": 0.0, "fp16": 2e-3, "int8": 2e-2}[precision] * float(expected.abs().max())
     torch.testing.assert_close(got, expected, atol=tol, rtol=0)
 
-    state = net.state_dict()
-    weights = sum(state[n].numel() for n in matrices)
-    rows = sum(state[n].shape[0] for n in matrices)
-    halves = sum(state[n].numel() for n in standardizer)
-    floats = sum(v.numel() for v in state.values()) - weights - halves
-    payload = {
-        "fp32": 4 * (floats + weights + halves),
-        "fp16": 4 * floats + 2 * (weights + halves),
-        "int8": 4 * floats + weights + 2 * rows + 2 * halves,
-    }[precision]
+    payload = download_payload_bytes(net.state_dict(), matrices, standardizer, precision)
     assert sum(a.numpy().nbytes for a in content["side_net"].values()) == payload
     message = Message(content, dst_node_id=3, message_type="evaluate")
     texts = sum(len(str(v)) for v in content["side_meta"].values())
