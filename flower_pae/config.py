@@ -95,6 +95,9 @@ class RunConfig:
     agreement_neighbours: int = 0  # poisoning defence: drop devices that disagree with k nearest
     download_precision: str = "fp16"  # side network's weight matrices to devices: fp32/fp16/int8
     keep_activations: bool = True  # False: the "no cache" ablation (uploads every round)
+    # True: the "no shortcut" ablation: devices upload every prompt token's states of the
+    # selected layers, and the server keeps of them what `shortcut` keeps (bytes × tokens)
+    upload_sequence: bool = False
     max_upload_mb: float = 512.0  # a larger upload (or refresh) record is rejected unread
     # baseline: FedAvg + LoRA (method = "fedavg_lora"), trained on the devices
     lora_r: int = 8  # LoRA rank on q_proj, v_proj (lora_alpha = 2·r)

@@ -19,6 +19,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 ID_BYTES = 16
 PRECISIONS = ("fp16", "int8")
+SHORTCUTS = ("pivot", "mean")  # what a device keeps of a prompt's states per layer
 DOWNLOAD_PRECISIONS = ("fp32", "fp16", "int8")
 SCALE_SUFFIX = ":scale"  # an int8 weight matrix's scales travel under its name + this
 
@@ -26,6 +27,8 @@ SCALE_SUFFIX = ":scale"  # an int8 weight matrix's scales travel under its name 
 UPLOAD = "upload"  # ArrayRecord: a device's new samples
 UPLOAD_KEYS_FP16 = {"ids", "acts", "targets"}
 UPLOAD_KEYS_INT8 = {"ids", "acts", "scales", "targets"}
+# The "no shortcut" ablation (``upload_sequence``) adds "lengths" (N,) and sends acts (ΣT, L, d):
+# every prompt token's states (flower_pae.server.validation.summarize_sequence_upload)
 # Targets travel as coefficients (N, C) in the task's masked label basis (d, C), which a
 # device sends in a BASIS record with its new samples (flower_pae/device/difference.py).
 BASIS = "basis"  # ArrayRecord {"basis": float32 (d, C)}
@@ -192,6 +195,24 @@ def side_network_digest(content: RecordDict) -> str:
         digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
         digest.update(array.data)
     return digest.hexdigest()
+
+
+def summarize_sequences(states: torch.Tensor, lengths: torch.Tensor, shortcut: str) -> torch.Tensor:
+    """Per prompt, its pivot's (last token's) states or the mean of its tokens' states.
+
+    ``states`` (ΣT, L, d) holds the prompts' tokens one prompt after another; ``lengths``
+    (N,) their counts (each ≥ 1). Returns (N, L, d) float32.
+    """
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
+    lengths = lengths.long()
+    ends = lengths.cumsum(0)
+    if shortcut == "pivot":
+        return states[ends - 1].float()
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    sums = torch.zeros(len(lengths), *states.shape[1:], dtype=torch.float64)
+    sums.index_add_(0, owner, states.double())
+    return (sums / lengths.view(-1, 1, 1)).float()
 
 
 def message_bytes(message: Message) -> int:

@@ -67,6 +67,7 @@ def build_strategy(cfg: RunConfig, out: Path) -> PAEStrategy:
         agreement_neighbours=cfg.agreement_neighbours,
         download_precision=cfg.download_precision,
         keep_activations=cfg.keep_activations,
+        sequence_shortcut=cfg.shortcut if cfg.upload_sequence else None,
         max_upload_bytes=int(cfg.max_upload_mb * 2**20),
         checkpoint_dir=out / "checkpoint",
         checkpoint_every=cfg.checkpoint_every,

@@ -46,6 +46,7 @@ from flower_pae.server.validation import (
     check_records,
     decode_arrays,
     evaluation_counts,
+    summarize_sequence_upload,
     task_key_of,
     validate_basis,
     validate_refresh,
@@ -59,6 +60,7 @@ from flower_pae.wire import (
     HELD,
     METRICS,
     REFRESH,
+    SHORTCUTS,
     UPLOAD,
     array_record,
     array_to_ids,
@@ -151,6 +153,10 @@ class PAEStrategy(Strategy):
         the samples (activations, targets, which device holds what), so devices forward and
         upload every sample again every round. One-shot differences only (the refresh phase
         needs the server's outputs for the samples it holds).
+    sequence_shortcut : {"pivot", "mean"}, optional
+        The "no shortcut" ablation: devices upload every prompt token's states, and the server
+        keeps of each prompt what this shortcut keeps (the side network is token-wise, so its
+        output at the pivot reads nothing else). ``None`` (the protocol) refuses such uploads.
     download_precision : {"fp16", "fp32", "int8"}
         How the side network's weight matrices travel to evaluating devices: ``"fp16"``
         halves the download, ``"int8"`` (one float16 scale per row) quarters it; with either,
@@ -188,6 +194,7 @@ class PAEStrategy(Strategy):
         agreement_neighbours: int = 0,
         download_precision: str = "fp16",
         keep_activations: bool = True,
+        sequence_shortcut: str | None = None,
         max_upload_samples: int = MAX_SAMPLES_PER_UPLOAD,
         max_upload_bytes: int = MAX_UPLOAD_BYTES,
         checkpoint_dir: Path | None = None,
@@ -203,6 +210,8 @@ class PAEStrategy(Strategy):
                 f"download_precision must be one of {DOWNLOAD_PRECISIONS}, "
                 f"got {download_precision!r}"
             )
+        if sequence_shortcut not in (None, *SHORTCUTS):
+            raise ValueError(f"sequence_shortcut must be one of {SHORTCUTS} or None")
         if not keep_activations and refresh_step:
             raise ValueError("keep_activations=False needs one-shot differences (refresh_step=0)")
         if agreement_neighbours < 0:
@@ -218,6 +227,7 @@ class PAEStrategy(Strategy):
         self.agreement_neighbours = agreement_neighbours
         self.download_precision = download_precision
         self.keep_activations = keep_activations
+        self.sequence_shortcut = sequence_shortcut
         self.max_upload_samples = max_upload_samples
         self.max_upload_bytes = max_upload_bytes
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -436,6 +446,8 @@ class PAEStrategy(Strategy):
         caps = {"max_samples": self.max_upload_samples, "max_bytes": self.max_upload_bytes}
         check_record_size(content[UPLOAD], "upload", **caps)
         arrays = decode_arrays(content[UPLOAD], "upload")
+        if "lengths" in arrays:
+            arrays = summarize_sequence_upload(arrays, self.sequence_shortcut)
         expected = self.expected_shape or expected
         known = self.bases.get(task_key)
         sent = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,6 +57,46 @@ def test_the_mean_shortcut_averages_each_layer_over_the_prompts_tokens(tiny_mode
         assert torch.allclose(mean.acts[i], expected, atol=1e-4)
     with pytest.raises(ValueError, match="shortcut"):
         pivot_features(backbone, PROMPTS, layers, shortcut="max")
+
+
+def test_without_the_shortcut_every_token_is_kept_and_the_server_reduces_it(tiny_model_dir):
+    """The "no shortcut" ablation: a device's sequence upload holds each prompt's real tokens
+    (as an unpadded forward gives them), and the server's reduction of it is what the shortcut
+    keeps on the device; a bad sequence upload is refused."""
+    from flower_pae.device.shortcut import sequence_features
+    from flower_pae.server.validation import UploadError, summarize_sequence_upload
+    from flower_pae.wire import decode_activations, encode_activations, ids_to_array
+
+    backbone = load_backbone(str(tiny_model_dir))
+    layers = select_layers("last:2", backbone.num_layers)
+    seq = sequence_features(backbone, PROMPTS, layers)
+    lengths = [len(backbone.tokenizer(p).input_ids) for p in PROMPTS]
+    assert seq.lengths.tolist() == lengths and seq.states.shape[0] == sum(lengths)
+    for i, prompt in enumerate(PROMPTS):  # each prompt alone, unpadded
+        enc = backbone.tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            states = backbone.model.get_decoder()(**enc, output_hidden_states=True).hidden_states
+        expected = torch.stack([states[layer][0] for layer in layers], dim=1)  # (T, L, d)
+        start = sum(lengths[:i])
+        assert torch.allclose(seq.states[start : start + lengths[i]], expected, atol=1e-4)
+    for shortcut in ("pivot", "mean"):
+        kept = pivot_features(backbone, PROMPTS, layers, shortcut=shortcut)
+        assert torch.allclose(seq.summary(shortcut), kept.acts, atol=1e-5)
+        upload = encode_activations(seq.states, "int8")
+        upload.update(
+            ids=ids_to_array([bytes(16), bytes([1]) * 16]),
+            targets=np.zeros((2, 3), np.float32),
+            lengths=seq.lengths.numpy(),
+        )
+        reduced = summarize_sequence_upload(upload, shortcut)
+        assert set(reduced) == {"ids", "acts", "scales", "targets"}
+        assert reduced["acts"].shape == (2, len(layers), backbone.hidden_size)
+        step = kept.acts.abs().amax(-1, keepdim=True) / 127  # int8 twice: tokens, then kept
+        assert ((decode_activations(reduced) - kept.acts).abs() <= 1.5 * step + 1e-6).all()
+    with pytest.raises(UploadError, match="upload_sequence is off"):
+        summarize_sequence_upload(upload, None)
+    with pytest.raises(UploadError, match="add up"):
+        summarize_sequence_upload({**upload, "lengths": seq.lengths.numpy() + 1}, "pivot")
 
 
 def test_label_words_sharing_a_first_token_stay_distinct(tiny_model_dir):

@@ -28,7 +28,13 @@ from flower_pae.device.difference import (
 )
 from flower_pae.device.noise import add_target_noise
 from flower_pae.device.secret import CohortSecret
-from flower_pae.device.shortcut import build_prompt, label_rows, pivot_features
+from flower_pae.device.shortcut import (
+    SequenceFeatures,
+    build_prompt,
+    label_rows,
+    pivot_features,
+    sequence_features,
+)
 from flower_pae.device.store import ActivationStore
 from flower_pae.wire import encode_activations, from_coefficients, ids_to_array, to_coefficients
 
@@ -181,6 +187,15 @@ class Device:
         rows = label_rows(self.backbone, task.labels)
         return Features(acts, final @ rows.T, rows, seconds)
 
+    def sequence_features(self, task: Task, texts: list[str]) -> tuple[Features, SequenceFeatures]:
+        """Every prompt token's states (the "no shortcut" ablation; never from the store),
+        and the features the shortcut would have kept of them."""
+        prompts = self._prompts(task, texts)
+        seq = sequence_features(self.backbone, prompts, self.layers, self.cfg.batch_size)
+        rows = label_rows(self.backbone, task.labels)
+        feats = Features(seq.summary(self.cfg.shortcut), seq.final @ rows.T, rows, seq.seconds)
+        return feats, seq
+
     # ---- training upload -----------------------------------------------------------------
     @property
     def space(self) -> str:
@@ -261,10 +276,18 @@ class Device:
             arrays = encode_activations(torch.zeros(0, len(self.layers), d), self.cfg.precision)
             width = len(task.labels)
             arrays.update(ids=ids_to_array([]), targets=np.zeros((0, width), np.float32))
+            if self.cfg.upload_sequence:
+                arrays["lengths"] = np.zeros(0, np.int64)
             return Upload(self.task_key(index), arrays, 0.0, refresh)
-        feats = self.features(task, [ex.text for _, ex in new])
+        texts = [ex.text for _, ex in new]
         labels = torch.tensor([ex.label for _, ex in new])
-        arrays = encode_activations(feats.acts, self.cfg.precision)
+        if self.cfg.upload_sequence:  # the "no shortcut" ablation: every token's states
+            feats, sequences = self.sequence_features(task, texts)
+            arrays = encode_activations(sequences.states, self.cfg.precision)
+            arrays["lengths"] = sequences.lengths.numpy()
+        else:
+            feats = self.features(task, texts)
+            arrays = encode_activations(feats.acts, self.cfg.precision)
         arrays.update(
             ids=ids_to_array([i for i, _ in new]),
             targets=self._differences(feats, labels, None, new[0][0], basis),

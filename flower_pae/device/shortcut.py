@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from flower_pae.backbone import Backbone
-
-SHORTCUTS = ("pivot", "mean")
+from flower_pae.wire import SHORTCUTS as SHORTCUTS  # where the choices are defined
+from flower_pae.wire import summarize_sequences
 
 
 @dataclass
@@ -54,6 +54,26 @@ def build_prompt(backbone: Backbone, task, text: str, max_tokens: int) -> str:
     return f"{question}\nAnswer:"
 
 
+def _forwards(backbone: Backbone, prompts: Sequence[str], batch_size: int):
+    """One inference-mode forward per batch of prompts (left-padded): yields each batch's
+    attention mask and hidden states (embeddings first, one per layer)."""
+    # The decoder body only: the LM head's logits over the whole vocabulary at every
+    # position (B × T × 49k floats for SmolLM2) are never needed on the device.
+    tok, model = backbone.tokenizer, backbone.model.get_decoder()
+    for i in range(0, len(prompts), batch_size):
+        enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens from 0
+        out = model(
+            input_ids=enc["input_ids"],
+            attention_mask=mask,
+            position_ids=positions,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        yield mask, out.hidden_states
+
+
 @torch.inference_mode()
 def pivot_features(
     backbone: Backbone,
@@ -66,28 +86,15 @@ def pivot_features(
     pivot token's, or (``shortcut="mean"``) the mean over the prompt's tokens."""
     if shortcut not in SHORTCUTS:
         raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
-    # The decoder body only: the LM head's logits over the whole vocabulary at every
-    # position (B × T × 49k floats for SmolLM2) are never needed on the device.
-    tok, model = backbone.tokenizer, backbone.model.get_decoder()
     acts, finals, tokens = [], [], 0
     start = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
-        mask = enc["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens from 0
-        out = model(
-            input_ids=enc["input_ids"],
-            attention_mask=mask,
-            position_ids=positions,
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        finals.append(out.hidden_states[-1][:, -1, :].float())
+    for mask, hidden in _forwards(backbone, prompts, batch_size):
+        finals.append(hidden[-1][:, -1, :].float())
         if shortcut == "pivot":
-            states = torch.stack([out.hidden_states[i][:, -1, :] for i in layers], dim=1)
+            states = torch.stack([hidden[i][:, -1, :] for i in layers], dim=1)
         else:  # the mean over real tokens; left padding is masked out
-            weights = (mask / mask.sum(-1, keepdim=True)).unsqueeze(-1).to(out.hidden_states[0])
-            states = torch.stack([(out.hidden_states[i] * weights).sum(1) for i in layers], dim=1)
+            weights = (mask / mask.sum(-1, keepdim=True)).unsqueeze(-1).to(hidden[0])
+            states = torch.stack([(hidden[i] * weights).sum(1) for i in layers], dim=1)
         acts.append(states.float())  # (B, L, d)
         tokens += int(mask.sum())
     seconds = time.perf_counter() - start
@@ -96,6 +103,48 @@ def pivot_features(
         empty = torch.zeros(0, len(layers), d)
         return PivotFeatures(empty, torch.zeros(0, d), seconds, 0)
     return PivotFeatures(torch.cat(acts), torch.cat(finals), seconds, tokens)
+
+
+@dataclass
+class SequenceFeatures:
+    """Every prompt token's states: what a device would upload without the shortcut."""
+
+    states: (
+        torch.Tensor
+    )  # (ΣT, L, d): each prompt's real tokens in order, prompts one after another
+    lengths: torch.Tensor  # (N,) int64: each prompt's token count
+    final: torch.Tensor  # (N, d) final normed hidden state at the pivot
+    seconds: float
+
+    def summary(self, shortcut: str) -> torch.Tensor:
+        """(N, L, d): what :func:`pivot_features` keeps, from these states."""
+        return summarize_sequences(self.states, self.lengths, shortcut)
+
+
+@torch.inference_mode()
+def sequence_features(
+    backbone: Backbone, prompts: Sequence[str], layers: Sequence[int], batch_size: int = 8
+) -> SequenceFeatures:
+    """Run the frozen backbone once per prompt and keep every real token's state per selected
+    layer (the "no shortcut" ablation)."""
+    states, lengths, finals = [], [], []
+    start = time.perf_counter()
+    for mask, hidden in _forwards(backbone, prompts, batch_size):
+        finals.append(hidden[-1][:, -1, :].float())
+        per_layer = torch.stack([hidden[i] for i in layers], dim=2)  # (B, T, L, d)
+        real = mask.bool()
+        states.append(per_layer[real].float())  # row-major: prompt by prompt, tokens in order
+        lengths.append(mask.sum(-1))
+    seconds = time.perf_counter() - start
+    d = backbone.hidden_size
+    if not states:
+        return SequenceFeatures(
+            torch.zeros(0, len(layers), d),
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, d),
+            seconds,
+        )
+    return SequenceFeatures(torch.cat(states), torch.cat(lengths), torch.cat(finals), seconds)
 
 
 def label_rows(backbone: Backbone, labels: Sequence[str]) -> torch.Tensor:

@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flower_pae.wire import (
@@ -30,6 +31,9 @@ from flower_pae.wire import (
     UPLOAD,
     UPLOAD_KEYS_FP16,
     UPLOAD_KEYS_INT8,
+    decode_activations,
+    encode_activations,
+    summarize_sequences,
 )
 
 MAX_SAMPLES_PER_UPLOAD = 100_000
@@ -202,6 +206,45 @@ def validate_upload(
     if not all(finite):
         raise UploadError("NaN or Inf in the upload")
     return shape if n else expected
+
+
+def summarize_sequence_upload(
+    arrays: dict[str, np.ndarray], shortcut: str | None
+) -> dict[str, np.ndarray]:
+    """The "no shortcut" ablation's upload, reduced to what the shortcut keeps.
+
+    A device sent every prompt token's states (``acts`` (ΣT, L, d), with ``scales`` (ΣT, L)
+    if int8) and each prompt's token count (``lengths`` (N,)). The side network is token-wise,
+    so its output at the pivot reads only what ``shortcut`` keeps of them. Returns the upload
+    with ``acts`` (N, L, d) (and ``scales``) in the same precision, as a device that takes the
+    shortcut would have sent it; :func:`validate_upload` then checks it as any other.
+    """
+    if shortcut is None:
+        raise UploadError(
+            "every token's activations were sent, but this run takes the activation shortcut "
+            "(upload_sequence is off)"
+        )
+    arrays = dict(arrays)
+    lengths, acts, ids = arrays.pop("lengths"), arrays.get("acts"), arrays.get("ids")
+    if acts is None or ids is None or ids.ndim != 2:
+        raise UploadError("a sequence upload needs ids and acts")
+    if lengths.dtype != np.int64 or lengths.shape != (ids.shape[0],):
+        raise UploadError(
+            f"lengths must be int64 (N={ids.shape[0]},), got {lengths.dtype} {lengths.shape}"
+        )
+    if (lengths < 1).any() or int(lengths.sum()) != (acts.shape[0] if acts.ndim == 3 else -1):
+        raise UploadError("lengths must be >= 1 and add up to the rows of acts (ΣT, L, d)")
+    if acts.dtype not in (np.float16, np.int8) or (acts.dtype == np.int8) != ("scales" in arrays):
+        raise UploadError("sequence acts must be float16, or int8 with their scales")
+    if "scales" in arrays and arrays["scales"].shape != acts.shape[:2]:
+        raise UploadError(f"scales must be (ΣT, L)={acts.shape[:2]}, got {arrays['scales'].shape}")
+    states = decode_activations(arrays)
+    if not torch.isfinite(states).all():
+        raise UploadError("NaN or Inf in the upload")
+    kept = summarize_sequences(states, torch.from_numpy(lengths), shortcut)
+    arrays.pop("scales", None)
+    arrays.update(encode_activations(kept, "int8" if acts.dtype == np.int8 else "fp16"))
+    return arrays
 
 
 def validate_refresh(
