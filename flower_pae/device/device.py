@@ -127,7 +127,7 @@ class Device:
         self.secret = secret or CohortSecret.for_process(cache_dir() / "cohort_secret")
         rng = random.Random(f"{cfg.seed}:stagger:{partition_id}")
         self.offset = rng.randint(0, cfg.stagger_rounds) if cfg.stagger_rounds else 0
-        self._label_rows_of: dict[int, torch.Tensor] = {}
+        self._label_rows_of: dict[tuple[str, ...], torch.Tensor] = {}
 
     @functools.cached_property
     def backbone(self) -> Backbone:
@@ -168,6 +168,13 @@ class Device:
             cache_dir() / "activations", max_bytes=int(self.cfg.store_max_gb * 2**30)
         )
 
+    def _label_rows(self, task: Task) -> torch.Tensor:
+        """The LM-head rows of a task's label words (computed once per task and process)."""
+        key = tuple(task.labels)
+        if key not in self._label_rows_of:
+            self._label_rows_of[key] = label_rows(self.backbone, task.labels)
+        return self._label_rows_of[key]
+
     def features(self, task: Task, texts: list[str]) -> Features:
         """Pivot activations, label logits and forward time of the frozen backbone."""
         prompts = self._prompts(task, texts)
@@ -184,7 +191,7 @@ class Device:
             )
         else:
             acts, final, seconds = compute(prompts)
-        rows = label_rows(self.backbone, task.labels)
+        rows = self._label_rows(task)
         return Features(acts, final @ rows.T, rows, seconds)
 
     def sequence_features(self, task: Task, texts: list[str]) -> tuple[Features, SequenceFeatures]:
@@ -192,7 +199,7 @@ class Device:
         and the features the shortcut would have kept of them."""
         prompts = self._prompts(task, texts)
         seq = sequence_features(self.backbone, prompts, self.layers, self.cfg.batch_size)
-        rows = label_rows(self.backbone, task.labels)
+        rows = self._label_rows(task)
         feats = Features(seq.summary(self.cfg.shortcut), seq.final @ rows.T, rows, seq.seconds)
         return feats, seq
 
@@ -204,7 +211,7 @@ class Device:
 
     def label_basis(self, task: Task) -> torch.Tensor:
         """The task's masked label basis ``U_t`` (d, C) float64, the same on every device."""
-        rows = label_rows(self.backbone, task.labels)
+        rows = self._label_rows(task)
         q = self.secret.rotation(self.backbone.hidden_size)
         return label_basis(rows, q, self.secret.rotation(len(task.labels), task.name))
 
@@ -323,13 +330,6 @@ class Device:
             store[name] = out
         return out
 
-    def _label_rows(self, index: int) -> torch.Tensor:
-        """The LM-head rows of a task's label words (computed once per task)."""
-        rows = self._label_rows_of.get(index)
-        if rows is None:
-            rows = self._label_rows_of[index] = label_rows(self.backbone, self.task(index).labels)
-        return rows
-
     def _side_outputs(
         self, side_network, feats: dict[int, dict[str, torch.Tensor]]
     ) -> dict[int, torch.Tensor]:
@@ -371,7 +371,7 @@ class Device:
         results = []
         for index, task_feats in feats.items():
             side = unmask(sides[index], q)
-            rows = self._label_rows(index)
+            rows = self._label_rows(self.task(index))
             pred = additive_prediction(task_feats["logits"], rows, side, self.space)
             results.append(
                 TaskEval(

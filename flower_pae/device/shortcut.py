@@ -109,9 +109,8 @@ def pivot_features(
 class SequenceFeatures:
     """Every prompt token's states: what a device would upload without the shortcut."""
 
-    states: (
-        torch.Tensor
-    )  # (ΣT, L, d): each prompt's real tokens in order, prompts one after another
+    # (ΣT, L, d): each prompt's real tokens in order, prompts one after another
+    states: torch.Tensor
     lengths: torch.Tensor  # (N,) int64: each prompt's token count
     final: torch.Tensor  # (N, d) final normed hidden state at the pivot
     seconds: float
