@@ -114,6 +114,9 @@ class RunConfig:
     out_dir: str = ""
     record_wire: bool = False
     timeout: float = 900.0
+    # let rounds overlap where the results cannot tell (the next round's uploads and the last
+    # round's evaluation run while the server trains); false: each phase after the other
+    overlap_rounds: bool = True
     client_cpus: float = 1.0
     ray_address: str = ""  # "": a private local Ray; "auto" or HOST:PORT: a `ray start` cluster
     # checkpoint and resume

@@ -256,7 +256,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     """``flower-pae scale``: one simulation per population size, into a DataFrame and a plot."""
-    from simulations.scale import environment_note, floor_ratios, parse_devices, run_study
+    from simulations.scale import (
+        cold_ratios,
+        environment_note,
+        floor_ratios,
+        parse_devices,
+        run_study,
+    )
 
     devices = parse_devices(args.devices)
     base = RunConfig.load(_config_path(args.config), args.set)
@@ -291,6 +297,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if args.empty:
         print("cost per device call, PAE over the empty ClientApp (same invocation):")
         print(floor_ratios(frame).to_string(float_format=lambda v: f"{v:.4g}"))
+    if args.warmup:
+        print("cold store: wall time over (unique backbone forwards + server training):")
+        print(cold_ratios(frame).to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"machine: {environment_note()}")
     print(f"study directory: {out}  (scale.parquet, scale.csv, scale.png)")
     return 0

@@ -178,27 +178,32 @@ class FloorStrategy(PAEStrategy):
 
     Same sampling of devices for training and evaluation, the same send-and-wait loop and the
     same run-directory recording as :class:`~strategies.pae.PAEStrategy`; no upload, cache,
-    training or side network. What a round costs here is Flower's (and Ray's) floor.
+    training or side network. What a round costs here is Flower's (and Ray's) floor. With
+    ``overlap_rounds`` its rounds overlap as PAE's do: with no training between them, the
+    next round's upload requests and this round's evaluation requests are out together.
     """
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return [self._trivial(server_round, node, "train") for node in self._train_nodes(grid)]
+    def upload_messages(
+        self, server_round: int, nodes: list[int], config: ConfigRecord
+    ) -> list[Message]:
+        return [self._trivial(server_round, node, "train") for node in nodes]
 
-    def _train_nodes(self, grid: Grid) -> list[int]:
-        return self.sample_nodes(grid, self.devices_per_round)
+    def cache_uploads(self, server_round: int, replies: Iterable[Message]) -> dict[str, float]:
+        return {}
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+    def train_cached(
+        self, server_round: int, metrics: dict[str, float]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return None, None
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def evaluation_nodes(self, grid: Grid) -> list[int]:
         count = max(1, round(self.fraction_evaluate * len(list(grid.get_node_ids()))))
-        return [self._trivial(server_round, n, "evaluate") for n in self.sample_nodes(grid, count)]
+        return self.sample_nodes(grid, count)
+
+    def evaluate_messages(
+        self, server_round: int, nodes: list[int], config: ConfigRecord
+    ) -> list[Message]:
+        return [self._trivial(server_round, node, "evaluate") for node in nodes]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -237,6 +242,7 @@ def make_empty_server_app(cfg: RunConfig) -> ServerApp:
             fraction_evaluate=cfg.fraction_evaluate,
             num_devices=cfg.num_devices,
             seed=cfg.seed,
+            overlap=cfg.overlap_rounds,
         )
         strategy.start(grid, num_rounds=num_rounds(cfg), timeout=cfg.timeout)
 
@@ -502,6 +508,22 @@ def floor_ratios(frame: pd.DataFrame) -> pd.DataFrame:
             "ratio": pae.loc[both, "seconds_per_call"] / floor.loc[both, "seconds_per_call"],
             "ratio_steady": pae.loc[both, "seconds_per_call_steady"]
             / floor.loc[both, "seconds_per_call_steady"],
+        }
+    )
+
+
+def cold_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per N: a cold-store run's wall time over its unique backbone forwards plus its server
+    training (the ``pae-warmup`` rows: the store computed those forwards during the run)."""
+    cold = frame[frame["mode"] == "pae-warmup"].set_index("num_devices")
+    work = cold["store_forward_seconds"] + cold["server_train_seconds"]
+    return pd.DataFrame(
+        {
+            "wall_seconds": cold["wall_seconds"],
+            "store_new_entries": cold["store_new_entries"],
+            "store_forward_seconds": cold["store_forward_seconds"],
+            "server_train_seconds": cold["server_train_seconds"],
+            "ratio": cold["wall_seconds"] / work,
         }
     )
 

@@ -34,7 +34,7 @@ def run_dir(cfg: RunConfig) -> Path:
 # Settings a resumed run may change: they do not change what the run computes.
 RESUMABLE_CHANGES = frozenset(
     {"resume", "stop_after", "checkpoint_every", "out_dir", "timeout", "client_cpus", "ray_address"}
-    | {"server_threads", "record_wire", "activation_store", "store_max_gb"}
+    | {"server_threads", "record_wire", "activation_store", "store_max_gb", "overlap_rounds"}
 )
 
 
@@ -72,6 +72,7 @@ def build_strategy(cfg: RunConfig, out: Path) -> PAEStrategy:
         checkpoint_dir=out / "checkpoint",
         checkpoint_every=cfg.checkpoint_every,
         stop_after=cfg.stop_after,
+        overlap=cfg.overlap_rounds,
         seed=cfg.seed,
     )
 

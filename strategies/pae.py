@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +172,10 @@ class PAEStrategy(Strategy):
     stop_after : int
         Stop after this round, checkpointed, as if the run had been interrupted there
         (0: run every round); :meth:`resume` continues it.
+    overlap : bool
+        Let rounds overlap where the results cannot tell (:meth:`start`): the devices upload
+        the next round's samples, and evaluate the last round's network, while the server
+        trains. ``False`` runs each round's phases one after another.
     """
 
     def __init__(
@@ -200,6 +204,7 @@ class PAEStrategy(Strategy):
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = 0,
         stop_after: int = 0,
+        overlap: bool = True,
     ) -> None:
         if refresh_step < 0:
             raise ValueError(f"refresh_step must be >= 0, got {refresh_step}")
@@ -233,7 +238,11 @@ class PAEStrategy(Strategy):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.stop_after = stop_after
+        self.overlap = overlap
         self.completed_rounds = 0
+        self._round_clock = time.perf_counter()  # when the last round closed
+        # what a checkpoint taken between rounds leaves out (see start)
+        self._pending: dict | None = None
         self._nodes: list[int] | None = None  # the devices of the run (for checkpoints)
         self.replay = replay
         self.route_by_task = route_by_task
@@ -278,8 +287,15 @@ class PAEStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask each sampled device for its new samples, telling it which ids we hold."""
+        nodes = self.sample_nodes(grid, self.devices_per_round)
+        return self.upload_messages(server_round, nodes, config)
+
+    def upload_messages(
+        self, server_round: int, nodes: list[int], config: ConfigRecord
+    ) -> list[Message]:
+        """One upload request per device of ``nodes``, with the ids the server holds of it."""
         messages = []
-        for node in self.sample_nodes(grid, self.devices_per_round):
+        for node in nodes:
             held = sorted(self.held[node])
             record = {"ids": ids_to_array(held)}
             current = self.net.current_task if self.net is not None else None
@@ -320,10 +336,15 @@ class PAEStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Cache the uploads, open/freeze task subspaces, then train the current task.
+        """Cache the uploads, open/freeze task subspaces, then train the current task
+        (:meth:`cache_uploads`, then :meth:`train_cached`)."""
+        return self.train_cached(server_round, self.cache_uploads(server_round, replies))
+
+    def cache_uploads(self, server_round: int, replies: Iterable[Message]) -> dict[str, float]:
+        """Check and cache a round's uploads, opening task subspaces as devices meet tasks.
 
         A reply that fails a check (:meth:`accept_train_reply`) is rejected with its reason
-        and changes nothing; the others are cached and trained on.
+        and changes nothing; the others are cached. Returns the round's metrics so far.
         """
         # In node order, not arrival order: the cache's blocks, hence the order of the training
         # data (batches, the standardizer's sums), must not depend on which device was faster.
@@ -382,6 +403,12 @@ class PAEStrategy(Strategy):
             metrics["refreshed_samples"] = refreshed
             if self.agreement_neighbours:
                 metrics["excluded_devices"] = len(excluded)
+        return metrics
+
+    def train_cached(
+        self, server_round: int, metrics: dict[str, float]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Train the current task on its cached samples; record the round's ``metrics``."""
         current = self.net.current_task if self.net is not None else None
         if current is not None and self.cache.task_size(current) > 0:
             self.tasks[current].last_round = server_round
@@ -547,10 +574,21 @@ class PAEStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the side network to a fraction of devices for local evaluation."""
+        return self.evaluate_messages(server_round, self.evaluation_nodes(grid), config)
+
+    def evaluation_nodes(self, grid: Grid) -> list[int]:
+        """The devices that evaluate this round (none while there is no side network)."""
         if self.net is None:
             return []
-        nodes = sorted(grid.get_node_ids())
-        count = max(1, round(self.fraction_evaluate * len(nodes)))
+        count = max(1, round(self.fraction_evaluate * len(list(grid.get_node_ids()))))
+        return self.sample_nodes(grid, count)
+
+    def evaluate_messages(
+        self, server_round: int, nodes: list[int], config: ConfigRecord
+    ) -> list[Message]:
+        """The side network, packed once, in one evaluation request per device of ``nodes``."""
+        if not nodes:
+            return []
         matrices = {name for name, p in self.net.named_parameters() if p.ndim >= 2}
         # packed once: every device gets the same network (the records are only read)
         packed = side_network_records(
@@ -561,7 +599,7 @@ class PAEStrategy(Strategy):
             halved=STANDARDIZER,
         )
         messages = []
-        for node in self.sample_nodes(grid, count):
+        for node in nodes:
             content = RecordDict(dict(packed.items()))
             content[CONFIG] = ConfigRecord({**config, "round": server_round})
             messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
@@ -648,8 +686,17 @@ class PAEStrategy(Strategy):
     ) -> Result:
         """Run ``num_rounds`` rounds of upload → server training → device evaluation.
 
-        After :meth:`resume` it continues after the checkpointed round; with ``stop_after``
-        it stops (checkpointed, with the outputs written so far) after that round.
+        With :attr:`overlap_rounds` the rounds overlap where the results cannot tell: the next
+        round's devices are asked for their uploads before this round's training starts, and
+        this round's evaluation replies are collected after the next round's training. Every
+        round trains on the same cache, evaluates the same network and samples the same
+        devices as in sequence. A checkpoint is then taken once a round is trained, before its
+        evaluation goes out: it names the devices of that evaluation and of the next round's
+        uploads, and a resumed run asks them again. The last round (and a ``stop_after`` one)
+        finishes whole before its checkpoint.
+
+        After :meth:`resume` it continues after the checkpointed round; with ``stop_after`` it
+        stops (checkpointed, with the outputs written so far) after that round.
         """
         self.summary()
         # torch imports its compiler stack (≈1–2 s) when the first optimizer is built, i.e.
@@ -659,44 +706,65 @@ class PAEStrategy(Strategy):
         ).start()
         _wait_for_nodes(grid, self.num_devices, timeout)
         self._check_nodes(sorted(grid.get_node_ids()))
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
         result = Result()
         if self.completed_rounds:
             log.info("resuming after round %d of %d", self.completed_rounds, num_rounds)
-        for server_round in range(self.completed_rounds + 1, num_rounds + 1):
-            t0 = time.perf_counter()
-            train_msgs = list(
-                self.configure_train(
-                    server_round, ArrayRecord(), train_config or ConfigRecord(), grid
-                )
-            )
-            replies = self._exchange(grid, server_round, "train", train_msgs, timeout)
-            _, train_metrics = self.aggregate_train(server_round, replies)
-            eval_msgs = []
-            if self.should_evaluate(server_round, num_rounds):
-                eval_msgs = list(
-                    self.configure_evaluate(
-                        server_round, ArrayRecord(), evaluate_config or ConfigRecord(), grid
-                    )
-                )
-            eval_replies = self._exchange(grid, server_round, "evaluate", eval_msgs, timeout)
-            eval_metrics = self.aggregate_evaluate(server_round, eval_replies)
-            if train_metrics is not None:
-                result.train_metrics_clientapp[server_round] = train_metrics
-            if eval_metrics is not None:
-                result.evaluate_metrics_clientapp[server_round] = eval_metrics
-            seconds = time.perf_counter() - t0
-            self.recorder.metric(server_round, "round_seconds", seconds)
-            log.info(
-                "round %d/%d done in %.1fs: %s",
-                server_round,
-                num_rounds,
-                seconds,
-                ", ".join(f"{k}={v:.3f}" for k, v in (eval_metrics or {}).items()),
-            )
-            self.completed_rounds = server_round
+        self._round_clock = time.perf_counter()
+        uploads: _Pushed | None = None  # the next round's upload requests, already out
+        evaluating: tuple[int, _Pushed, MetricRecord | None] | None = None
+        first = self.completed_rounds + 1
+        if self._pending is not None:
+            # resumed from a checkpoint taken with a round's evaluation and the next round's
+            # uploads out: ask the same devices again
+            r, known = self._pending["round"], set(grid.get_node_ids())
+            pending = {
+                k: [n for n in self._pending[k] if n in known] for k in ("evaluate", "train")
+            }
+            messages = self.evaluate_messages(r, pending["evaluate"], evaluate_config)
+            evaluating = (r, self._push(grid, r, "evaluate", messages), None)
+            messages = self.upload_messages(r + 1, pending["train"], train_config)
+            uploads = self._push(grid, r + 1, "train", messages, record=False)
+            first, self._pending = r + 1, None
+        for server_round in range(first, num_rounds + 1):
+            if uploads is None:
+                messages = self.configure_train(server_round, ArrayRecord(), train_config, grid)
+                uploads = self._push(grid, server_round, "train", list(messages))
+            metrics = self.cache_uploads(server_round, self._collect(grid, uploads, timeout))
+            # sampled before the next round's uploads: the same devices as in sequence
+            evaluate = self.should_evaluate(server_round, num_rounds)
+            nodes = self.evaluation_nodes(grid) if evaluate else []
             stop = server_round == self.stop_after and server_round < num_rounds
-            if stop or self.checkpoint_due(server_round, num_rounds):
+            last = stop or server_round == num_rounds
+            checkpoint = stop or self.checkpoint_due(server_round, num_rounds)
+            overlap = self.overlap_rounds and not last
+            uploads = None
+            if overlap:
+                # the devices work on these while the server trains; recorded when collected
+                messages = self.configure_train(server_round + 1, ArrayRecord(), train_config, grid)
+                uploads = self._push(grid, server_round + 1, "train", list(messages), record=False)
+            _, train_metrics = self.train_cached(server_round, metrics)
+            if evaluating is not None:
+                self._finish_round(grid, *evaluating, result, num_rounds, timeout)
+            if overlap and checkpoint:
+                # the round is trained, its evaluation and the next round's uploads not yet
+                # answered: the checkpoint names their devices, and a resumed run asks again
+                upload_nodes = [m.metadata.dst_node_id for m in uploads.messages]
+                self._pending = {"round": server_round, "evaluate": nodes, "train": upload_nodes}
                 self.save_checkpoint()
+                self._pending = None
+            messages = self.evaluate_messages(server_round, nodes, evaluate_config)
+            evaluating = (
+                server_round,
+                self._push(grid, server_round, "evaluate", messages),
+                train_metrics,
+            )
+            if not overlap:
+                self._finish_round(grid, *evaluating, result, num_rounds, timeout)
+                evaluating = None
+                if checkpoint:
+                    self.save_checkpoint()
             if stop:
                 log.info(
                     "stopped after round %d of %d (stop_after); resume=true continues the run",
@@ -710,14 +778,69 @@ class PAEStrategy(Strategy):
         self.recorder.write(self.final_summary(num_rounds))
         return result
 
-    def _exchange(
-        self, grid: Grid, server_round: int, phase: str, messages: list[Message], timeout: float
-    ) -> list[Message]:
-        pushed = list(grid.push_messages(messages))
-        # Recorded (serialized and measured) while the devices work, not before they start.
-        for msg in messages:
-            self.recorder.message(server_round, phase, msg, "down")
-        replies = _receive_replies(grid, pushed, timeout, f"round {server_round} {phase}")
+    @property
+    def overlap_rounds(self) -> bool:
+        """Whether rounds overlap (:meth:`start`): asked for, and the next round's upload
+        requests do not depend on this round's training (they do in the refresh phase, which
+        sends the trained outputs, and in the "no cache" ablation, which forgets the samples
+        after training)."""
+        return self.overlap and not self.refresh_step and self.keep_activations
+
+    def _finish_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        evaluation: _Pushed,
+        train_metrics: MetricRecord | None,
+        result: Result,
+        num_rounds: int,
+        timeout: float,
+    ) -> None:
+        """Collect a round's evaluation replies and close the round."""
+        eval_metrics = self.aggregate_evaluate(
+            server_round, self._collect(grid, evaluation, timeout)
+        )
+        if train_metrics is not None:
+            result.train_metrics_clientapp[server_round] = train_metrics
+        if eval_metrics is not None:
+            result.evaluate_metrics_clientapp[server_round] = eval_metrics
+        now = time.perf_counter()
+        seconds, self._round_clock = now - self._round_clock, now
+        # since the previous round closed: with overlapping rounds, the next round's training
+        # falls in this interval, and the intervals still add up to the run's wall time
+        self.recorder.metric(server_round, "round_seconds", seconds)
+        log.info(
+            "round %d/%d done in %.1fs: %s",
+            server_round,
+            num_rounds,
+            seconds,
+            ", ".join(f"{k}={v:.3f}" for k, v in (eval_metrics or {}).items()),
+        )
+        self.completed_rounds = server_round
+
+    def _push(
+        self, grid: Grid, server_round: int, phase: str, messages: list[Message], record=True
+    ) -> _Pushed:
+        """Send a phase's requests; record them (serialized, measured) while the devices work,
+        or, ``record=False``, when their replies are collected."""
+        pushed = _Pushed(server_round, phase, messages, list(grid.push_messages(messages)))
+        if record:
+            self._record_requests(pushed)
+        return pushed
+
+    def _record_requests(self, pushed: _Pushed) -> None:
+        for msg in pushed.messages:
+            self.recorder.message(pushed.server_round, pushed.phase, msg, "down")
+        pushed.messages = []
+
+    def _collect(self, grid: Grid, pushed: _Pushed, timeout: float) -> list[Message]:
+        """The replies to a pushed phase (waiting up to ``timeout`` after its push); records
+        them, and which devices failed or did not answer."""
+        server_round, phase = pushed.server_round, pushed.phase
+        self._record_requests(pushed)
+        replies = _receive_replies(
+            grid, pushed.ids, timeout, f"round {server_round} {phase}", pushed.at
+        )
         for reply in replies:
             n, key = 0, None
             if not reply.has_error() and phase == "train" and UPLOAD in reply.content:
@@ -727,14 +850,14 @@ class PAEStrategy(Strategy):
         # Availability: devices that failed (error reply) or did not answer within timeout.
         failed = sum(reply.has_error() for reply in replies)
         self.recorder.metric(server_round, f"{phase}_failed", failed)
-        self.recorder.metric(server_round, f"{phase}_timed_out", len(messages) - len(replies))
-        if len(replies) < len(messages):
+        self.recorder.metric(server_round, f"{phase}_timed_out", pushed.count - len(replies))
+        if len(replies) < pushed.count:
             log.warning(
                 "round %d %s: %d of %d devices did not answer in time",
                 server_round,
                 phase,
-                len(messages) - len(replies),
-                len(messages),
+                pushed.count - len(replies),
+                pushed.count,
             )
         return replies
 
@@ -848,6 +971,7 @@ class PAEStrategy(Strategy):
         version, internal, gauss = self.rng.getstate()
         state = {
             "round": self.completed_rounds,
+            "pending": self._pending,
             "expected_shape": list(self.expected_shape) if self.expected_shape else None,
             "net_meta": self.net.meta() if self.net is not None else None,
             "tasks": [[t.key, t.first_round, t.last_round] for t in self.tasks.values()],
@@ -884,7 +1008,7 @@ class PAEStrategy(Strategy):
         self.cache.prune_checkpoint(self.checkpoint_dir)
         log.info(
             "round %d: checkpoint written to %s in %.2fs",
-            self.completed_rounds,
+            self._pending["round"] if self._pending else self.completed_rounds,
             self.checkpoint_dir,
             time.perf_counter() - start,
         )
@@ -924,6 +1048,7 @@ class PAEStrategy(Strategy):
         self._nodes = state["nodes"]
         self.recorder.restore(state["recorder"])
         self.completed_rounds = int(state["round"])
+        self._pending = state.get("pending")
         log.info("resumed from %s after round %d", self.checkpoint_dir, self.completed_rounds)
         return self.completed_rounds
 
@@ -1033,14 +1158,31 @@ def _bytes_by_phase(messages) -> dict[str, int]:
     return {f"{phase}/{direction}": int(v) for (phase, direction), v in totals.items()}
 
 
+@dataclass
+class _Pushed:
+    """A phase's requests, sent: which round and phase, the requests not yet recorded, their
+    ids, when they left."""
+
+    server_round: int
+    phase: str
+    messages: list[Message]
+    ids: list[str]
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+
 def _receive_replies(
-    grid: Grid, message_ids: list[str], timeout: float, what: str
+    grid: Grid, message_ids: list[str], timeout: float, what: str, start: float
 ) -> list[Message]:
-    """The replies to pushed messages, as ``grid.send_and_receive`` waits for them, logging
-    progress every few seconds on long phases."""
+    """The replies to messages pushed at ``start`` (``time.monotonic``), as
+    ``grid.send_and_receive`` waits for them, logging progress every few seconds on long
+    phases."""
     pending = set(message_ids)
     total, replies = len(pending), []
-    start = last_log = time.monotonic()
+    last_log = time.monotonic()
     while pending and time.monotonic() - start < timeout:
         got = list(grid.pull_messages(pending))
         replies.extend(got)

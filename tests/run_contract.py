@@ -161,3 +161,53 @@ def download_payload_bytes(
         "fp16": 4 * floats + 2 * (weights + halves),
         "int8": 4 * floats + weights + 2 * rows + 2 * halves,
     }[precision]
+
+
+# figures that measure time or memory, not what a run computed
+TIMING = {"round_seconds", "train_seconds", "forward_seconds", "peak_rss_mb"}
+
+
+def _sorted(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Rows in a canonical order: replies are recorded in the order they arrive."""
+    return frame.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def assert_same_run(expected: Path, got: Path) -> None:
+    """Two run directories of the same settings and seed computed the same: summary, recorded
+    messages and (non-timing) metrics, and the final checkpoint's side network bitwise.
+
+    Byte counts may differ by 2 per message: Flower draws each simulation's run id at random
+    and every message carries it as a varint.
+    """
+    import torch
+
+    from flower_pae.server.checkpoint import load_state
+
+    summary = json.loads((expected / "summary.json").read_text())
+    other = json.loads((got / "summary.json").read_text())
+    bytes_expected, bytes_got = summary.pop("bytes"), other.pop("bytes")
+    assert other == summary
+    messages = [
+        _sorted(pd.read_parquet(d / "messages.parquet"), ["round", "phase", "direction", "node_id"])
+        for d in (expected, got)
+    ]
+    assert len(messages[0]) == len(messages[1]) > 0
+    assert (messages[0]["payload_bytes"] - messages[1]["payload_bytes"]).abs().max() <= 2
+    for key, value in bytes_expected.items():
+        assert abs(bytes_got[key] - value) <= 2 * len(messages[0])
+    same = ["round", "phase", "direction", "node_id", "task_key", "num_samples"]
+    pd.testing.assert_frame_equal(messages[0][same], messages[1][same])
+    metrics = [pd.read_parquet(d / "metrics.parquet") for d in (expected, got)]
+    metrics = [
+        _sorted(m[~m.metric.isin(TIMING)], ["round", "metric", "task", "node_id"]) for m in metrics
+    ]
+    pd.testing.assert_frame_equal(metrics[0], metrics[1])
+    # bitwise: the server trains on one thread, takes replies in node order, and the devices'
+    # features come from the activation store
+    (_, reference), (_, weights) = (
+        load_state(expected / "checkpoint"),
+        load_state(got / "checkpoint"),
+    )
+    assert weights["net"].keys() == reference["net"].keys()
+    for name, value in reference["net"].items():
+        torch.testing.assert_close(weights["net"][name], value, rtol=0, atol=0, msg=name)

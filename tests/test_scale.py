@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from simulations.cli import main
-from simulations.scale import COLUMNS, floor_ratios, parse_devices
+from simulations.scale import COLUMNS, cold_ratios, floor_ratios, parse_devices
 
 # One Ray actor (client_cpus=2 on this 2-core machine): half the start-up imports.
 TINY = ["--set", "stream=pypi:bbc", "--set", "server_epochs=1", "--set", "client_cpus=2"]
@@ -56,6 +56,22 @@ def test_scale_command_measures_the_empty_floor(tmp_path, tiny_model_dir, capsys
     ratios = floor_ratios(frame)
     assert list(ratios.index) == [4] and ratios["ratio"].iloc[0] > 0
     assert "empty ClientApp" in capsys.readouterr().out
+
+
+def test_cold_ratio_is_wall_time_over_forwards_and_training() -> None:
+    frame = pd.DataFrame(
+        {
+            "mode": ["pae-warmup", "pae", "pae-warmup"],
+            "num_devices": [10, 10, 100],
+            "wall_seconds": [30.0, 15.0, 90.0],
+            "store_new_entries": [60, 0, 300],
+            "store_forward_seconds": [20.0, 0.0, 100.0],
+            "server_train_seconds": [4.0, 3.0, 20.0],
+        }
+    )
+    ratios = cold_ratios(frame)
+    assert list(ratios.index) == [10, 100]  # warm runs have no cold ratio
+    assert ratios["ratio"].tolist() == pytest.approx([30 / 24, 90 / 120])
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,14 @@ orthogonality loss; the per-task bookkeeping lives in :mod:`flower_pae.side_netw
 """
 
 from .config import OA_MODES, OAAdapterConfig, OAMode
-from .layer import OAAdapter, orthogonality_loss
+from .layer import OAAdapter, orthogonality_loss, stacked_gates, stacked_sparsity
 
-__all__ = ["OA_MODES", "OAAdapter", "OAAdapterConfig", "OAMode", "orthogonality_loss"]
+__all__ = [
+    "OA_MODES",
+    "OAAdapter",
+    "OAAdapterConfig",
+    "OAMode",
+    "orthogonality_loss",
+    "stacked_gates",
+    "stacked_sparsity",
+]

@@ -48,7 +48,8 @@ class _SoftGate(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         g, active = ctx.saved_tensors
         grad_g = torch.where(active, grad, grad * ctx.inactive_grad)
-        grad_t = -(grad * torch.sign(g) * active).sum().reshape(ctx.threshold_shape)
+        # a threshold shared by a row of gates (or by all of them) gets the row's summed slope
+        grad_t = -(grad * torch.sign(g) * active).sum_to_size(ctx.threshold_shape)
         return grad_g, grad_t, None
 
 
@@ -129,9 +130,13 @@ class OAAdapter(nn.Module):
             return torch.ones_like(self.g)
         return _SoftGate.apply(self.g, self.threshold(), float(self.config.inactive_grad))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``((x · W1ᵀ) ⊙ γ) · W2ᵀ``, over the last dimension of ``x``."""
-        return ((x @ self.W1.T) * self.gate()) @ self.W2.T
+    def forward(self, x: Tensor, gamma: Tensor | None = None) -> Tensor:
+        """``((x · W1ᵀ) ⊙ γ) · W2ᵀ``, over the last dimension of ``x``.
+
+        ``gamma``: this adapter's gate, if the caller computed it (:func:`stacked_gates` computes
+        a ladder's gates in one op); by default :meth:`gate`.
+        """
+        return ((x @ self.W1.T) * (self.gate() if gamma is None else gamma)) @ self.W2.T
 
     @torch.no_grad()
     def active_mask(self) -> Tensor:
@@ -187,6 +192,31 @@ class OAAdapter(nn.Module):
             f"d_in={self.d_in}, d_out={self.d_out}, r_max={self.config.r_max}, "
             f"mode={self.config.mode}, frozen={self.frozen}"
         )
+
+
+def stacked_gates(adapters: list[OAAdapter]) -> Tensor:
+    """The gates ``γ`` of adapters of one rank and config, as rows of one ``(n, r)`` tensor.
+
+    One autograd node for a whole ladder instead of one small graph per layer; the values and
+    gradients are each adapter's :meth:`OAAdapter.gate`.
+    """
+    first = adapters[0]
+    if not first.adaptive:
+        return torch.ones(len(adapters), first.config.r_max, dtype=first.g.dtype)
+    g = torch.stack([a.g for a in adapters])
+    threshold = _abs_with_unit_grad_at_zero(torch.stack([a.tau for a in adapters]))
+    return _SoftGate.apply(g, threshold[:, None], float(first.config.inactive_grad))
+
+
+def stacked_sparsity(adapters: list[OAAdapter]) -> Tensor:
+    """The summed :meth:`OAAdapter.sparsity_penalty` of adapters of one rank and config, in
+    one op (the same gradient; the sum in another float order)."""
+    first = adapters[0]
+    if not first.adaptive or first.config.sparsity == 0:
+        return torch.zeros((), dtype=first.g.dtype, device=first.g.device)
+    g = torch.stack([a.g for a in adapters])
+    threshold = _abs_with_unit_grad_at_zero(torch.stack([a.tau for a in adapters]))
+    return first.config.sparsity * torch.relu(g.abs() - threshold[:, None]).sum()
 
 
 def orthogonality_loss(current_W2: Tensor, historical: list[Tensor]) -> Tensor:

@@ -21,7 +21,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..oa_adapter import OAAdapter, OAAdapterConfig, orthogonality_loss
+from ..oa_adapter import (
+    OAAdapter,
+    OAAdapterConfig,
+    orthogonality_loss,
+    stacked_gates,
+    stacked_sparsity,
+)
 
 SideMethod = Literal["oa", "olora", "sequential"]
 SIDE_METHODS: tuple[str, ...] = ("oa", "olora", "sequential")
@@ -327,8 +333,20 @@ class LadderSideNetwork(nn.Module):
                 f"got {tuple(acts.shape)}"
             )
 
-    def forward(self, acts: Tensor, *, skip_constant: bool = False) -> Tensor:
-        """Side output ``(N, out_dim)`` from pivot activations ``(N, L, d)``.
+    def forward(self, acts: Tensor) -> Tensor:
+        """Side output ``(N, out_dim)`` from pivot activations ``(N, L, d)``."""
+        return self.side_output(self.standardize(acts))
+
+    def standardize(self, acts: Tensor) -> Tensor:
+        """``Â``: activations ``(N, L, d)`` standardized by the frozen per-layer statistics.
+
+        The trainer standardizes its data once per fit and feeds :meth:`side_output`.
+        """
+        self._check_acts(acts)
+        return (acts.to(self.input_mean.dtype) - self.input_mean) / self.input_std
+
+    def side_output(self, x: Tensor, *, skip_constant: bool = False) -> Tensor:
+        """Side output from standardized activations ``x`` (:meth:`standardize`).
 
         ``skip_constant`` leaves out the task sets that no training can change any more
         (:meth:`constant_sets`); the trainer adds their :meth:`constant_output`, computed
@@ -340,12 +358,11 @@ class LadderSideNetwork(nn.Module):
         elif skip_constant:
             constant = set(self.constant_sets())
             sets = [i for i in sets if i not in constant]
-        return self._output(acts, sets)
+        return self._output(x, sets)
 
-    def _output(self, acts: Tensor, sets: list[int]) -> Tensor:
-        """The summed outputs of the task sets ``sets`` (indices, summed in order)."""
-        self._check_acts(acts)
-        x = (acts.to(self.input_mean.dtype) - self.input_mean) / self.input_std
+    def _output(self, x: Tensor, sets: list[int]) -> Tensor:
+        """The summed outputs of the task sets ``sets`` (indices, summed in order) on
+        standardized inputs ``x``."""
         out = x.new_zeros(x.shape[0], self.out_dim)
         if not sets:
             return out
@@ -358,10 +375,11 @@ class LadderSideNetwork(nn.Module):
             # Each task's adapters run their own ladder over the shared (frozen) inputs, so a
             # later task never changes the hidden path an earlier task's output map reads;
             # tasks then meet only in the summed outputs, where orthogonality keeps them apart.
-            h = x[:, 0] + ts.layers[0](x[:, 0])
+            gates = stacked_gates(list(ts.layers)).unbind(0)
+            h = x[:, 0] + ts.layers[0](x[:, 0], gates[0])
             for layer in range(1, self.num_layers):
                 inp = own[layer - 1] + mus[layer - 1] * h
-                h = inp + ts.layers[layer](inp)
+                h = inp + ts.layers[layer](inp, gates[layer])
             o = ts.output(h)
             out = o if n == 0 else out + o
         return out
@@ -375,10 +393,11 @@ class LadderSideNetwork(nn.Module):
         return [i for i, ts in enumerate(self.task_sets) if ts.frozen]
 
     @torch.no_grad()
-    def constant_output(self, acts: Tensor) -> Tensor | None:
-        """The summed output of :meth:`constant_sets` (``None`` if there are none)."""
+    def constant_output(self, x: Tensor) -> Tensor | None:
+        """The summed output of :meth:`constant_sets` on standardized inputs ``x`` (``None``
+        if there are none)."""
         constant = self.constant_sets()
-        return self._output(acts, constant) if constant else None
+        return self._output(x, constant) if constant else None
 
     # ------------------------------------------------------------ penalties
     def _bases(self, index: int) -> dict[int | str, Tensor]:
@@ -428,9 +447,7 @@ class LadderSideNetwork(nn.Module):
         ts = self._current_set()
         if ts is None or ts.frozen:
             return total
-        for _, a in ts.slots():
-            total = total + a.sparsity_penalty()
-        return total
+        return stacked_sparsity(list(ts.layers)) + ts.out.sparsity_penalty()
 
     # ------------------------------------------------------------ parameters
     def trainable_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -108,12 +108,12 @@ class SideNetworkTrainer:
                             lr=c.out_lr,
                             momentum=c.out_momentum,
                             weight_decay=c.weight_decay,
-                            foreach=True,
+                            fused=True,
                         )
                     )
                 else:
                     opts.append(
-                        torch.optim.Adam(out_w2, lr=c.lr, weight_decay=c.weight_decay, foreach=True)
+                        torch.optim.Adam(out_w2, lr=c.lr, weight_decay=c.weight_decay, fused=True)
                     )
             if other:
                 gates = {
@@ -123,7 +123,7 @@ class SideNetworkTrainer:
                     {"params": [p for p in other if id(p) not in gates], "lr": c.lr},
                     {"params": [p for p in other if id(p) in gates], "lr": c.gate_lr or c.lr},
                 ]
-                opts.append(torch.optim.Adam([g for g in groups if g["params"]], foreach=True))
+                opts.append(torch.optim.Adam([g for g in groups if g["params"]], fused=True))
             self._optimizers = opts
             self._opt_key = key
         return self._optimizers
@@ -197,8 +197,10 @@ class SideNetworkTrainer:
         was_training = self.net.training
         self.net.train()
         n_epochs = self.config.epochs if epochs is None else int(epochs)
-        # Earlier tasks' frozen outputs are the same at every step: computed once here.
-        constant = None if self.net.route is not None else self.net.constant_output(acts)
+        # The standardized inputs, and earlier tasks' frozen outputs, are the same at every
+        # step: computed once here.
+        x = self.net.standardize(acts)
+        constant = None if self.net.route is not None else self.net.constant_output(x)
         for _ in range(n_epochs):
             perm = torch.randperm(n, generator=self._generator).to(acts.device)
             sums = dict.fromkeys(history, 0.0)
@@ -207,9 +209,9 @@ class SideNetworkTrainer:
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 if constant is None:
-                    pred = self.net(acts[idx])
+                    pred = self.net.side_output(x[idx])
                 else:
-                    pred = constant[idx] + self.net(acts[idx], skip_constant=True)
+                    pred = constant[idx] + self.net.side_output(x[idx], skip_constant=True)
                 mse = (pred - targets[idx]).pow(2).sum(1).mean()
                 orth = self.net.orthogonality_penalty()
                 sparsity = self.net.sparsity_penalty()

@@ -1,0 +1,104 @@
+"""Overlapping rounds (``overlap_rounds``) change when things happen, not what is computed.
+
+Simulations of the tiny model with the same seed, through Flower's simulation engine: one
+with each round's phases one after another, and two with rounds overlapping, checkpointed
+after the last round only or (the default) after every round, which takes each checkpoint
+with a round's evaluation still out. They must end with the same summary, side network,
+recorded messages and metrics; and the overlapping runs must really have overlapped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flower_pae.config import RunConfig
+from tests.run_contract import assert_same_run
+
+
+def _config(tiny_model_dir: Path, **changes) -> RunConfig:
+    return RunConfig(
+        model=str(tiny_model_dir),
+        stream="pypi:bbc,pypi:rotten_tomatoes",
+        num_devices=3,
+        devices_per_round=2,  # sampling order matters
+        fraction_evaluate=0.67,
+        max_train=24,
+        max_test=12,
+        rounds_per_task=2,
+        server_epochs=2,
+        **changes,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """Sequential and overlapping runs checkpointed after the last round only, and the
+    default: overlapping, a checkpoint every round."""
+    from simulations.cli import simulate
+
+    out = {}
+    for name, changes in (
+        ("sequential", {"overlap_rounds": False, "checkpoint_every": 4}),
+        ("overlap", {"checkpoint_every": 4}),
+        ("checkpointed", {}),
+    ):
+        out[name] = tmp_path_factory.mktemp(name)
+        simulate(_config(tiny_model_dir, **changes), out[name])
+    return out
+
+
+@pytest.mark.parametrize("name", ["overlap", "checkpointed"])
+def test_overlapping_rounds_compute_what_sequential_rounds_do(runs, name):
+    summary = json.loads((runs["sequential"] / "summary.json").read_text())
+    assert summary["rounds"] == 4 and np.isfinite(np.array(summary["accuracy_matrix"], float)).any()
+    assert_same_run(runs["sequential"], runs[name])
+
+
+def _requests_and_replies(run: Path) -> tuple[pd.Series, pd.Series]:
+    from analysis import call_latency, load_run
+
+    latency = call_latency(load_run(run))
+    first_request = latency.groupby(["round", "phase"])["request_at"].min()
+    last_reply = latency.groupby(["round", "phase"])["reply_at"].max()
+    return first_request, last_reply
+
+
+def _recorded_at(run: Path, metric: str, server_round: int) -> int:
+    """Position of a round's first row of ``metric`` in the order the server recorded rows."""
+    frame = pd.read_parquet(run / "metrics.parquet")
+    return int(np.flatnonzero((frame.metric == metric) & (frame["round"] == server_round))[0])
+
+
+def test_rounds_overlap_only_where_asked(runs):
+    """Sequential: every phase's requests are built after the previous phase's replies came
+    in, and a round's evaluation is recorded before the next round's training. Overlapping:
+    the next round's upload requests are built before this round's evaluation requests (they
+    go out before the server trains), not before this round's uploads came in; a round's
+    evaluation replies are taken after the next round's training."""
+    rounds = range(1, 5)
+    first, last = _requests_and_replies(runs["sequential"])
+    for r in rounds:
+        assert first[(r, "evaluate")] >= last[(r, "train")]
+        if r + 1 in rounds:
+            assert first[(r + 1, "train")] >= last[(r, "evaluate")]
+    for name in ("overlap", "checkpointed"):
+        first, last = _requests_and_replies(runs[name])
+        for r in rounds:
+            assert first[(r, "evaluate")] >= last[(r, "train")]
+            if r + 1 in rounds:
+                assert last[(r, "train")] <= first[(r + 1, "train")] < first[(r, "evaluate")]
+                assert first[(r + 1, "evaluate")] >= last[(r, "evaluate")]
+    for r in range(1, 4):
+        for name, evaluation_first in (
+            ("sequential", True),
+            ("checkpointed", False),
+            ("overlap", False),
+        ):
+            accuracy = _recorded_at(runs[name], "accuracy", r)
+            training = _recorded_at(runs[name], "train_loss", r + 1)
+            assert (accuracy < training) == evaluation_first, (name, r)
