@@ -75,7 +75,12 @@ def _side_network(content: RecordDict) -> LadderSideNetwork:
 
 
 class _TestFeatureStore:
-    """Keeps a device's test-set backbone outputs in its Flower ``Context.state``."""
+    """Keeps a device's test-set backbone outputs in its Flower ``Context.state``.
+
+    Only a cache: with overlapping rounds one device may handle its upload and its
+    evaluation at once, in two actors, and Flower keeps the context of whichever ends last;
+    a lost entry is computed again.
+    """
 
     def __init__(self, state: RecordDict) -> None:
         self.state = state

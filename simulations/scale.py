@@ -226,7 +226,7 @@ class FloorStrategy(PAEStrategy):
 
 def make_empty_server_app(cfg: RunConfig) -> ServerApp:
     """A ServerApp running :class:`FloorStrategy` with ``cfg``'s rounds and sampling."""
-    from simulations.server_app import num_rounds, run_dir
+    from simulations.server_app import num_rounds, overlap_rounds, run_dir
 
     app = ServerApp()
 
@@ -242,7 +242,7 @@ def make_empty_server_app(cfg: RunConfig) -> ServerApp:
             fraction_evaluate=cfg.fraction_evaluate,
             num_devices=cfg.num_devices,
             seed=cfg.seed,
-            overlap=cfg.overlap_rounds,
+            overlap=overlap_rounds(cfg),
         )
         strategy.start(grid, num_rounds=num_rounds(cfg), timeout=cfg.timeout)
 

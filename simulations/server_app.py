@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from flower_pae.runlog import RunRecorder
 from flower_pae.server.cache import ActivationCache
 from flower_pae.side_network import LadderSideNetwork
 from strategies.pae import PAEStrategy, default_trainer_config
+
+log = logging.getLogger(__name__)
 
 
 def num_rounds(cfg: RunConfig) -> int:
@@ -36,6 +39,19 @@ RESUMABLE_CHANGES = frozenset(
     {"resume", "stop_after", "checkpoint_every", "out_dir", "timeout", "client_cpus", "ray_address"}
     | {"server_threads", "record_wire", "activation_store", "store_max_gb", "overlap_rounds"}
 )
+
+
+def overlap_rounds(cfg: RunConfig) -> bool:
+    """Whether the run's rounds overlap: asked for, and no simulated silent dropouts.
+
+    A silent device is simulated by a ClientApp that holds its Ray actor past the timeout;
+    with overlapping rounds it would hold back the other phase's requests too, which in
+    sequence it cannot (a real silent device holds nothing).
+    """
+    silent = cfg.dropout > 0 and cfg.dropout_mode == "silent"
+    if cfg.overlap_rounds and silent:
+        log.info("silent dropouts are simulated: rounds run in sequence (overlap_rounds off)")
+    return cfg.overlap_rounds and not silent
 
 
 def build_strategy(cfg: RunConfig, out: Path) -> PAEStrategy:
@@ -72,7 +88,7 @@ def build_strategy(cfg: RunConfig, out: Path) -> PAEStrategy:
         checkpoint_dir=out / "checkpoint",
         checkpoint_every=cfg.checkpoint_every,
         stop_after=cfg.stop_after,
-        overlap=cfg.overlap_rounds,
+        overlap=overlap_rounds(cfg),
         seed=cfg.seed,
     )
 

@@ -697,6 +697,12 @@ class PAEStrategy(Strategy):
 
         After :meth:`resume` it continues after the checkpointed round; with ``stop_after`` it
         stops (checkpointed, with the outputs written so far) after that round.
+
+        The hooks it calls, to override: :meth:`configure_train` (sampling) and
+        :meth:`upload_messages`, :meth:`cache_uploads` and :meth:`train_cached` (what
+        :meth:`aggregate_train` does in one), :meth:`evaluation_nodes` and
+        :meth:`evaluate_messages` (what :meth:`configure_evaluate` does in one),
+        :meth:`aggregate_evaluate`.
         """
         self.summary()
         # torch imports its compiler stack (≈1–2 s) when the first optimizer is built, i.e.
@@ -719,6 +725,14 @@ class PAEStrategy(Strategy):
             # resumed from a checkpoint taken with a round's evaluation and the next round's
             # uploads out: ask the same devices again
             r, known = self._pending["round"], set(grid.get_node_ids())
+            log.info("round %d was trained before the checkpoint: its evaluation goes out again", r)
+            if 0 < self.stop_after <= r:
+                log.warning(
+                    "stop_after=%d: the checkpoint is past that round's training; the run goes "
+                    "on to round %d",
+                    self.stop_after,
+                    num_rounds,
+                )
             pending = {
                 k: [n for n in self._pending[k] if n in known] for k in ("evaluate", "train")
             }
@@ -806,8 +820,9 @@ class PAEStrategy(Strategy):
             result.evaluate_metrics_clientapp[server_round] = eval_metrics
         now = time.perf_counter()
         seconds, self._round_clock = now - self._round_clock, now
-        # since the previous round closed: with overlapping rounds, the next round's training
-        # falls in this interval, and the intervals still add up to the run's wall time
+        # since the previous round closed (its checkpoint included): with overlapping rounds,
+        # the next round's training falls in this interval; the intervals add up to the time
+        # from the first request to the last round's close
         self.recorder.metric(server_round, "round_seconds", seconds)
         log.info(
             "round %d/%d done in %.1fs: %s",
@@ -1117,7 +1132,11 @@ class PAEStrategy(Strategy):
             "cache": self.cache.stats.as_dict(),
             "rank_report": net.rank_report() if net is not None else [],
             "active_params": net.active_params() if net is not None else 0,
-            "rejected_uploads": self.rejected,
+            # in round order (with overlapping rounds, a round's evaluation replies are taken
+            # after the next round's uploads)
+            "rejected_uploads": sorted(
+                self.rejected, key=lambda r: (r["round"], r["phase"] != "train", r["node_id"])
+            ),
             "bytes": _bytes_by_phase(self.recorder.messages_frame()),
         }
         if len(order):
@@ -1161,13 +1180,13 @@ def _bytes_by_phase(messages) -> dict[str, int]:
 @dataclass
 class _Pushed:
     """A phase's requests, sent: which round and phase, the requests not yet recorded, their
-    ids, when they left."""
+    ids, when they left (Unix seconds, Flower's clock for ``created_at``)."""
 
     server_round: int
     phase: str
     messages: list[Message]
     ids: list[str]
-    at: float = field(default_factory=time.monotonic)
+    at: float = field(default_factory=time.time)
 
     @property
     def count(self) -> int:
@@ -1175,29 +1194,36 @@ class _Pushed:
 
 
 def _receive_replies(
-    grid: Grid, message_ids: list[str], timeout: float, what: str, start: float
+    grid: Grid, message_ids: list[str], timeout: float, what: str, pushed_at: float
 ) -> list[Message]:
-    """The replies to messages pushed at ``start`` (``time.monotonic``), as
-    ``grid.send_and_receive`` waits for them, logging progress every few seconds on long
-    phases."""
+    """The replies to messages pushed at ``pushed_at`` (Unix seconds) that their devices built
+    within ``timeout`` of it, as ``grid.send_and_receive`` waits for them; logs progress every
+    few seconds on long phases.
+
+    With overlapping rounds a phase may be collected well after its push: what is already
+    there is taken, and a reply counts as in time by its own ``created_at``, so the same
+    replies count as in a round run in sequence.
+    """
     pending = set(message_ids)
     total, replies = len(pending), []
-    last_log = time.monotonic()
-    while pending and time.monotonic() - start < timeout:
+    deadline = pushed_at + timeout
+    last_log = time.time()
+    while pending:
         got = list(grid.pull_messages(pending))
-        replies.extend(got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if pending and time.monotonic() - last_log > 15:
-            last_log = time.monotonic()
+        replies.extend(m for m in got if m.metadata.created_at <= deadline)
+        if not pending or time.time() >= deadline:
+            break
+        if time.time() - last_log > 15:
+            last_log = time.time()
             log.info(
                 "%s: %d/%d devices replied (%.0fs)",
                 what,
                 total - len(pending),
                 total,
-                last_log - start,
+                last_log - pushed_at,
             )
-        if pending:
-            time.sleep(0.1)
+        time.sleep(0.1)
     return replies
 
 

@@ -195,7 +195,7 @@ def assert_same_run(expected: Path, got: Path) -> None:
     assert (messages[0]["payload_bytes"] - messages[1]["payload_bytes"]).abs().max() <= 2
     for key, value in bytes_expected.items():
         assert abs(bytes_got[key] - value) <= 2 * len(messages[0])
-    same = ["round", "phase", "direction", "node_id", "task_key", "num_samples"]
+    same = ["round", "phase", "direction", "node_id", "task_key", "num_samples", "ok"]
     pd.testing.assert_frame_equal(messages[0][same], messages[1][same])
     metrics = [pd.read_parquet(d / "metrics.parquet") for d in (expected, got)]
     metrics = [

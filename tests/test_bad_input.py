@@ -748,3 +748,14 @@ def test_the_evaluation_download_gives_the_devices_the_servers_network(tmp_path,
     assert 0 < framing < 700 + 500 * dtypes
     with pytest.raises(ValueError, match="download_precision"):
         _strategy(tmp_path, "bad", download_precision="int4")
+
+
+def test_rejections_are_summarized_in_round_order(tmp_path):
+    """With overlapping rounds a round's evaluation replies are taken after the next round's
+    uploads; the summary lists rejections as a sequential run would."""
+    strategy = _strategy(tmp_path)
+    strategy.aggregate_train(1, [_train_reply(1)])
+    strategy.aggregate_train(3, [_train_reply(2, phase="evaluate")])  # round 3's uploads,
+    strategy.aggregate_evaluate(2, [_eval_reply(1, _counts(), phase="train")])  # then round 2's
+    rejected = strategy.final_summary(3)["rejected_uploads"]
+    assert [(r["round"], r["phase"]) for r in rejected] == [(2, "evaluate"), (3, "train")]

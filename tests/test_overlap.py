@@ -10,14 +10,18 @@ recorded messages and metrics; and the overlapping runs must really have overlap
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from flwr.app import Message, Metadata, RecordDict
 
 from flower_pae.config import RunConfig
 from tests.run_contract import assert_same_run
+
+FIT_STARTS: dict[str, list[float]] = {}  # when each run's server began each round's training
 
 
 def _config(tiny_model_dir: Path, **changes) -> RunConfig:
@@ -39,16 +43,26 @@ def _config(tiny_model_dir: Path, **changes) -> RunConfig:
 def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     """Sequential and overlapping runs checkpointed after the last round only, and the
     default: overlapping, a checkpoint every round."""
+    from flower_pae.side_network import SideNetworkTrainer
     from simulations.cli import simulate
 
+    fit = SideNetworkTrainer.fit
     out = {}
     for name, changes in (
         ("sequential", {"overlap_rounds": False, "checkpoint_every": 4}),
         ("overlap", {"checkpoint_every": 4}),
         ("checkpointed", {}),
     ):
+        starts = FIT_STARTS[name] = []
+
+        def timed_fit(self, *args, starts=starts, **kwargs):
+            starts.append(time.time())  # the server runs in this process
+            return fit(self, *args, **kwargs)
+
         out[name] = tmp_path_factory.mktemp(name)
-        simulate(_config(tiny_model_dir, **changes), out[name])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(SideNetworkTrainer, "fit", timed_fit)
+            simulate(_config(tiny_model_dir, **changes), out[name])
     return out
 
 
@@ -79,13 +93,15 @@ def test_rounds_overlap_only_where_asked(runs):
     in, and a round's evaluation is recorded before the next round's training. Overlapping:
     the next round's upload requests are built before this round's evaluation requests (they
     go out before the server trains), not before this round's uploads came in; a round's
-    evaluation replies are taken after the next round's training."""
+    evaluation replies are taken after the next round's training, and the next round's upload
+    requests go out before this round's training starts."""
     rounds = range(1, 5)
     first, last = _requests_and_replies(runs["sequential"])
     for r in rounds:
         assert first[(r, "evaluate")] >= last[(r, "train")]
         if r + 1 in rounds:
             assert first[(r + 1, "train")] >= last[(r, "evaluate")]
+            assert first[(r + 1, "train")] > FIT_STARTS["sequential"][r - 1]
     for name in ("overlap", "checkpointed"):
         first, last = _requests_and_replies(runs[name])
         for r in rounds:
@@ -93,6 +109,10 @@ def test_rounds_overlap_only_where_asked(runs):
             if r + 1 in rounds:
                 assert last[(r, "train")] <= first[(r + 1, "train")] < first[(r, "evaluate")]
                 assert first[(r + 1, "evaluate")] >= last[(r, "evaluate")]
+        # the speed-up itself: the next round's uploads are out before this round's training
+        assert len(FIT_STARTS[name]) == 4
+        for r in range(1, 4):
+            assert first[(r + 1, "train")] < FIT_STARTS[name][r - 1], (name, r)
     for r in range(1, 4):
         for name, evaluation_first in (
             ("sequential", True),
@@ -102,3 +122,40 @@ def test_rounds_overlap_only_where_asked(runs):
             accuracy = _recorded_at(runs[name], "accuracy", r)
             training = _recorded_at(runs[name], "train_loss", r + 1)
             assert (accuracy < training) == evaluation_first, (name, r)
+
+
+def _reply(node: int, created_at: float) -> Message:
+    meta = Metadata(1, f"r{node}", node, 0, f"q{node}", "", created_at, 60.0, "train")
+    return Message(RecordDict(), metadata=meta)
+
+
+class _Replies:
+    """A grid whose devices have answered already."""
+
+    def __init__(self, replies: list[Message]) -> None:
+        self.replies = replies
+
+    def pull_messages(self, ids) -> list[Message]:
+        return [m for m in self.replies if m.metadata.reply_to_message_id in ids]
+
+
+def test_replies_taken_after_the_deadline_count_by_when_the_device_built_them():
+    """A phase collected after its timeout (the server was training) keeps the replies its
+    devices built in time, and only those: what a sequential round would have taken."""
+    from strategies.pae import _receive_replies
+
+    pushed_at = time.time() - 10.0  # pushed 10 s ago, with a 5 s timeout
+    in_time, late = _reply(1, pushed_at + 1.0), _reply(2, pushed_at + 7.0)
+    got = _receive_replies(_Replies([in_time, late]), ["q1", "q2", "q3"], 5.0, "t", pushed_at)
+    assert got == [in_time]
+
+
+def test_simulated_silent_dropouts_run_rounds_in_sequence():
+    """A simulated silent device holds its Ray actor past the timeout: with overlapping rounds
+    it would hold back the other phase's requests too."""
+    from simulations.server_app import overlap_rounds
+
+    assert overlap_rounds(RunConfig())
+    assert overlap_rounds(RunConfig(dropout=0.3, dropout_mode="error"))
+    assert not overlap_rounds(RunConfig(dropout=0.3, dropout_mode="silent"))
+    assert not overlap_rounds(RunConfig(overlap_rounds=False))
