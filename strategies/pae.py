@@ -1200,18 +1200,20 @@ def _receive_replies(
     within ``timeout`` of it, as ``grid.send_and_receive`` waits for them; logs progress every
     few seconds on long phases.
 
-    With overlapping rounds a phase may be collected well after its push: what is already
-    there is taken, and a reply counts as in time by its own ``created_at``, so the same
-    replies count as in a round run in sequence.
+    With overlapping rounds a phase may be collected after its deadline (the server was
+    training): what is there is still taken, and such a reply counts as in time by its own
+    ``created_at``, so the same replies count as in a round run in sequence. Replies pulled
+    before the deadline are in time whatever their device's clock says.
     """
     pending = set(message_ids)
     total, replies = len(pending), []
     deadline = pushed_at + timeout
     last_log = time.time()
     while pending:
+        late = time.time() > deadline
         got = list(grid.pull_messages(pending))
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        replies.extend(m for m in got if m.metadata.created_at <= deadline)
+        replies.extend(m for m in got if not late or m.metadata.created_at <= deadline)
         if not pending or time.time() >= deadline:
             break
         if time.time() - last_log > 15:

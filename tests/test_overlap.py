@@ -141,13 +141,18 @@ class _Replies:
 
 def test_replies_taken_after_the_deadline_count_by_when_the_device_built_them():
     """A phase collected after its timeout (the server was training) keeps the replies its
-    devices built in time, and only those: what a sequential round would have taken."""
+    devices built in time, and only those: what a sequential round would have taken. One
+    collected in time keeps every reply, whatever the device's clock."""
     from strategies.pae import _receive_replies
 
     pushed_at = time.time() - 10.0  # pushed 10 s ago, with a 5 s timeout
     in_time, late = _reply(1, pushed_at + 1.0), _reply(2, pushed_at + 7.0)
     got = _receive_replies(_Replies([in_time, late]), ["q1", "q2", "q3"], 5.0, "t", pushed_at)
     assert got == [in_time]
+    # collected before the deadline: in time, whatever the device's clock says
+    now = time.time()
+    skewed = _reply(3, now + 3600.0)
+    assert _receive_replies(_Replies([skewed]), ["q3"], 5.0, "t", now) == [skewed]
 
 
 def test_simulated_silent_dropouts_run_rounds_in_sequence():
