@@ -834,7 +834,12 @@ class PAEStrategy(Strategy):
         self.completed_rounds = server_round
 
     def _push(
-        self, grid: Grid, server_round: int, phase: str, messages: list[Message], record=True
+        self,
+        grid: Grid,
+        server_round: int,
+        phase: str,
+        messages: list[Message],
+        record: bool = True,
     ) -> _Pushed:
         """Send a phase's requests; record them (serialized, measured) while the devices work,
         or, ``record=False``, when their replies are collected."""

@@ -202,10 +202,11 @@ def stacked_gates(adapters: list[OAAdapter]) -> Tensor:
     """
     first = adapters[0]
     if not first.adaptive:
-        return torch.ones(len(adapters), first.config.r_max, dtype=first.g.dtype)
-    g = torch.stack([a.g for a in adapters])
-    threshold = _abs_with_unit_grad_at_zero(torch.stack([a.tau for a in adapters]))
-    return _SoftGate.apply(g, threshold[:, None], float(first.config.inactive_grad))
+        return torch.ones(
+            len(adapters), first.config.r_max, dtype=first.g.dtype, device=first.g.device
+        )
+    g, threshold = _stacked_gate_inputs(adapters)
+    return _SoftGate.apply(g, threshold, float(first.config.inactive_grad))
 
 
 def stacked_sparsity(adapters: list[OAAdapter]) -> Tensor:
@@ -214,9 +215,15 @@ def stacked_sparsity(adapters: list[OAAdapter]) -> Tensor:
     first = adapters[0]
     if not first.adaptive or first.config.sparsity == 0:
         return torch.zeros((), dtype=first.g.dtype, device=first.g.device)
+    g, threshold = _stacked_gate_inputs(adapters)
+    return first.config.sparsity * torch.relu(g.abs() - threshold).sum()
+
+
+def _stacked_gate_inputs(adapters: list[OAAdapter]) -> tuple[Tensor, Tensor]:
+    """The adapters' raw gates ``g`` (n, r) and effective thresholds ``|τ|`` (n, 1), stacked."""
     g = torch.stack([a.g for a in adapters])
     threshold = _abs_with_unit_grad_at_zero(torch.stack([a.tau for a in adapters]))
-    return first.config.sparsity * torch.relu(g.abs() - threshold[:, None]).sum()
+    return g, threshold[:, None]
 
 
 def orthogonality_loss(current_W2: Tensor, historical: list[Tensor]) -> Tensor:
