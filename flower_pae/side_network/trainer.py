@@ -208,11 +208,15 @@ class SideNetworkTrainer:
                 idx = perm[start : start + bs]
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
+                # index_select copies whole rows: several times faster than x[idx] here
+                batch = x.index_select(0, idx)
                 if constant is None:
-                    pred = self.net.side_output(x[idx])
+                    pred = self.net.side_output(batch)
                 else:
-                    pred = constant[idx] + self.net.side_output(x[idx], skip_constant=True)
-                mse = (pred - targets[idx]).pow(2).sum(1).mean()
+                    pred = constant.index_select(0, idx) + self.net.side_output(
+                        batch, skip_constant=True
+                    )
+                mse = (pred - targets.index_select(0, idx)).pow(2).sum(1).mean()
                 orth = self.net.orthogonality_penalty()
                 sparsity = self.net.sparsity_penalty()
                 loss = mse + lam * orth + sparsity
