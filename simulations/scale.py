@@ -196,9 +196,9 @@ class FloorStrategy(PAEStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return None, None
 
-    def evaluation_nodes(self, grid: Grid) -> list[int]:
-        count = max(1, round(self.fraction_evaluate * len(list(grid.get_node_ids()))))
-        return self.sample_nodes(grid, count)
+    @property
+    def can_evaluate(self) -> bool:
+        return True  # the empty ClientApp has nothing to wait for
 
     def evaluate_messages(
         self, server_round: int, nodes: list[int], config: ConfigRecord

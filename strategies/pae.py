@@ -577,11 +577,16 @@ class PAEStrategy(Strategy):
         return self.evaluate_messages(server_round, self.evaluation_nodes(grid), config)
 
     def evaluation_nodes(self, grid: Grid) -> list[int]:
-        """The devices that evaluate this round (none while there is no side network)."""
-        if self.net is None:
+        """The devices that evaluate this round (none before :attr:`can_evaluate`)."""
+        if not self.can_evaluate:
             return []
         count = max(1, round(self.fraction_evaluate * len(list(grid.get_node_ids()))))
         return self.sample_nodes(grid, count)
+
+    @property
+    def can_evaluate(self) -> bool:
+        """Whether there is a side network to send (the first trained round makes one)."""
+        return self.net is not None
 
     def evaluate_messages(
         self, server_round: int, nodes: list[int], config: ConfigRecord
