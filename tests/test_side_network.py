@@ -426,3 +426,28 @@ def test_ladder_path_matches_autograd(layers: int) -> None:
         torch.testing.assert_close(a, e)
     with torch.no_grad():
         torch.testing.assert_close(path(*inputs), _composed_path(x, mus, gates, w1, w2))
+
+
+def test_ladder_path_frees_its_graph_and_refuses_double_backward() -> None:
+    """No reference cycle through the saved tensors (a step's graph goes with its loss, not at
+    the next garbage collection), and a second derivative raises rather than being wrong."""
+    import gc
+    import weakref
+
+    from flower_pae.side_network.path import ladder_path
+
+    layers, b, d, r = 4, 5, 6, 3
+    x, mus, gates = torch.randn(b, layers, d), torch.rand(layers - 1), torch.rand(layers, r)
+    w1 = [torch.randn(r, d, requires_grad=True) for _ in range(layers)]
+    w2 = [torch.randn(d, r, requires_grad=True) for _ in range(layers)]
+    gc.disable()
+    try:
+        out = ladder_path(x, mus, gates, w1, w2)
+        alive = weakref.ref(out)
+        del out
+        assert alive() is None
+    finally:
+        gc.enable()
+    first = torch.autograd.grad(ladder_path(x, mus, gates, w1, w2).sum(), w1[0], create_graph=True)
+    with pytest.raises(RuntimeError):
+        first[0].sum().backward()

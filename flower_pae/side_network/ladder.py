@@ -274,6 +274,7 @@ class LadderSideNetwork(nn.Module):
             if span is not None:
                 ts.protected.copy_(span)
             self.task_sets.append(ts)
+            self._history_cache.clear()  # only the current task's history is used
             added = True
         self._task_keys.append(key)
         self._set_of[key] = index

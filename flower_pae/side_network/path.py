@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def ladder_path(
@@ -46,34 +47,45 @@ def ladder_path(
     return _forward(x, mus, gates, w1, w2)
 
 
-def _forward(x, mus, gates, w1, w2, saved: list[list[Tensor]] | None = None) -> Tensor:
-    """``h_L``; appends each layer's ``[inp_l, inp_l · W1_lᵀ, h_l]`` to ``saved``."""
+def _forward(x, mus, gates, w1, w2, saved: dict[str, list[Tensor]] | None = None) -> Tensor:
+    """``h_L``; with ``saved``, keeps each layer's input ``inp_l``, code ``inp_l · W1_lᵀ`` and
+    output ``h_l`` (all but the last, the result) for the backward."""
     h = x[:, 0]
     for layer in range(len(w1)):
+        if saved is not None and layer > 0:
+            saved["outputs"].append(h)
         inp = h if layer == 0 else torch.lerp(x[:, layer], h, mus[layer - 1])
         code = inp @ w1[layer].T
         h = torch.addmm(inp, code * gates[layer], w2[layer].T)
         if saved is not None:
-            saved.append([inp, code, h])
+            saved["inputs"].append(inp)
+            saved["codes"].append(code)
     return h
 
 
 class _LadderPath(torch.autograd.Function):
+    """First derivatives only: the backward raises under double backward, and ``torch.func``
+    transforms do not apply (no ``setup_context``)."""
+
     @staticmethod
     def forward(ctx, x, mus, gates, *weights):
         layers = len(weights) // 2
-        saved: list[list[Tensor]] = []
+        saved: dict[str, list[Tensor]] = {"inputs": [], "codes": [], "outputs": []}
         h = _forward(x, mus, gates, weights[:layers], weights[layers:], saved)
-        ctx.save_for_backward(x, mus, gates, *weights)
-        ctx.layer_tensors = saved
+        # through save_for_backward, so that an in-place change to any of them is caught
+        ctx.save_for_backward(
+            x, mus, gates, *weights, *saved["inputs"], *saved["codes"], *saved["outputs"]
+        )
         return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_h):
-        x, mus, gates, *weights = ctx.saved_tensors
-        inputs, codes, outputs = zip(*ctx.layer_tensors, strict=True)
-        layers = len(weights) // 2
-        w1, w2 = weights[:layers], weights[layers:]
+        x, mus, gates, *rest = ctx.saved_tensors
+        layers = len(rest) // 5 + 1  # 2·L weights, L inputs, L codes, L − 1 outputs
+        w1, w2 = rest[:layers], rest[layers : 2 * layers]
+        inputs, codes = rest[2 * layers : 3 * layers], rest[3 * layers : 4 * layers]
+        outputs = rest[4 * layers :]
         need_x, need_mus, need_gates = ctx.needs_input_grad[:3]
         need_w1 = ctx.needs_input_grad[3 : 3 + layers]
         need_w2 = ctx.needs_input_grad[3 + layers :]
