@@ -130,13 +130,9 @@ class OAAdapter(nn.Module):
             return torch.ones_like(self.g)
         return _SoftGate.apply(self.g, self.threshold(), float(self.config.inactive_grad))
 
-    def forward(self, x: Tensor, gamma: Tensor | None = None) -> Tensor:
-        """``((x · W1ᵀ) ⊙ γ) · W2ᵀ``, over the last dimension of ``x``.
-
-        ``gamma``: this adapter's gate, if the caller computed it (:func:`stacked_gates` computes
-        a ladder's gates in one op); by default :meth:`gate`.
-        """
-        return ((x @ self.W1.T) * (self.gate() if gamma is None else gamma)) @ self.W2.T
+    def forward(self, x: Tensor) -> Tensor:
+        """``((x · W1ᵀ) ⊙ γ) · W2ᵀ``, over the last dimension of ``x``."""
+        return ((x @ self.W1.T) * self.gate()) @ self.W2.T
 
     @torch.no_grad()
     def active_mask(self) -> Tensor:
