@@ -695,10 +695,11 @@ class PAEStrategy(Strategy):
         round's devices are asked for their uploads before this round's training starts, and
         this round's evaluation replies are collected after the next round's training. Every
         round trains on the same cache, evaluates the same network and samples the same
-        devices as in sequence. A checkpoint is then taken once a round is trained, before its
-        evaluation goes out: it names the devices of that evaluation and of the next round's
-        uploads, and a resumed run asks them again. The last round (and a ``stop_after`` one)
-        finishes whole before its checkpoint.
+        devices as in sequence. A round's evaluation requests go out as soon as it is trained,
+        before the previous round is closed. A checkpoint is then taken with that evaluation
+        and the next round's uploads still out: it names their devices, and a resumed run
+        asks them again. The last round (and a ``stop_after`` one) finishes whole before its
+        checkpoint.
 
         After :meth:`resume` it continues after the checkpointed round; with ``stop_after`` it
         stops (checkpointed, with the outputs written so far) after that round.
@@ -764,21 +765,21 @@ class PAEStrategy(Strategy):
                 messages = self.configure_train(server_round + 1, ArrayRecord(), train_config, grid)
                 uploads = self._push(grid, server_round + 1, "train", list(messages), record=False)
             _, train_metrics = self.train_cached(server_round, metrics)
+            # out at once, so that the devices evaluate while the server closes the previous
+            # round and checkpoints; recorded when collected, so a checkpoint taken now
+            # holds neither these requests nor their replies
+            messages = self.evaluate_messages(server_round, nodes, evaluate_config)
+            evaluation = self._push(grid, server_round, "evaluate", messages, record=False)
             if evaluating is not None:
                 self._finish_round(grid, *evaluating, result, num_rounds, timeout)
+            evaluating = (server_round, evaluation, train_metrics)
             if overlap and checkpoint:
                 # the round is trained, its evaluation and the next round's uploads not yet
-                # answered: the checkpoint names their devices, and a resumed run asks again
+                # collected: the checkpoint names their devices, and a resumed run asks again
                 upload_nodes = [m.metadata.dst_node_id for m in uploads.messages]
                 self._pending = {"round": server_round, "evaluate": nodes, "train": upload_nodes}
                 self.save_checkpoint()
                 self._pending = None
-            messages = self.evaluate_messages(server_round, nodes, evaluate_config)
-            evaluating = (
-                server_round,
-                self._push(grid, server_round, "evaluate", messages),
-                train_metrics,
-            )
             if not overlap:
                 self._finish_round(grid, *evaluating, result, num_rounds, timeout)
                 evaluating = None

@@ -194,10 +194,14 @@ def test_real_smollm2_simulation_with_four_devices(tmp_path, smollm2_dir):
 
 def test_a_device_process_rebuilds_each_distinct_side_network_once():
     """Devices of one process that receive the same download share one rebuilt network; a
-    download that differs in one weight is rebuilt, and each computes what the server's does."""
+    download that differs in one weight is rebuilt, and each computes what the server's does.
+    The network the process would evict is reused for a download of the same meta (new
+    weights only), and not for one of another meta (a new task)."""
     from flower_pae.side_network import LadderSideNetwork
     from flower_pae.wire import side_network_records
-    from simulations.client_app import _side_network
+    from simulations.client_app import _SIDE_NETWORKS, _side_network
+
+    _SIDE_NETWORKS.clear()
 
     def download(net):
         matrices = {name for name, p in net.named_parameters() if p.ndim >= 2}
@@ -219,3 +223,23 @@ def test_a_device_process_rebuilds_each_distinct_side_network_once():
     with torch.no_grad():
         torch.testing.assert_close(second(acts), net(acts), rtol=0, atol=0)
         assert not torch.allclose(first(acts), net(acts))
+        net.task_sets[0].out.W2[1, 1] -= 2.0
+        net.task_sets[0].layers[1].g.mul_(0.5)
+    third = _side_network(download(net))
+    assert third is first  # the oldest, same meta: reloaded, not rebuilt
+    assert _side_network(download(net)) is third
+    with torch.no_grad():
+        torch.testing.assert_close(third(acts), net(acts), rtol=0, atol=0)
+        torch.testing.assert_close(third(acts), _rebuilt(download(net))(acts), rtol=0, atol=0)
+    net.add_task("b")
+    fourth = _side_network(download(net))
+    assert fourth is not second and fourth.task_keys == ["a", "b"]
+    with torch.no_grad():
+        torch.testing.assert_close(fourth(acts), net(acts), rtol=0, atol=0)
+
+
+def _rebuilt(content):
+    from flower_pae.side_network import LadderSideNetwork
+    from flower_pae.wire import side_network_from_records
+
+    return LadderSideNetwork.from_state(*side_network_from_records(content))

@@ -93,8 +93,9 @@ def test_rounds_overlap_only_where_asked(runs):
     in, and a round's evaluation is recorded before the next round's training. Overlapping:
     the next round's upload requests are built before this round's evaluation requests (they
     go out before the server trains), not before this round's uploads came in; a round's
-    evaluation replies are taken after the next round's training, and the next round's upload
-    requests go out before this round's training starts."""
+    evaluation replies are taken after the next round's training (and after the next round's
+    evaluation went out), and the next round's upload requests go out before this round's
+    training starts."""
     rounds = range(1, 5)
     first, last = _requests_and_replies(runs["sequential"])
     for r in rounds:
@@ -108,7 +109,6 @@ def test_rounds_overlap_only_where_asked(runs):
             assert first[(r, "evaluate")] >= last[(r, "train")]
             if r + 1 in rounds:
                 assert last[(r, "train")] <= first[(r + 1, "train")] < first[(r, "evaluate")]
-                assert first[(r + 1, "evaluate")] >= last[(r, "evaluate")]
         # the speed-up itself: the next round's uploads are out before this round's training
         assert len(FIT_STARTS[name]) == 4
         for r in range(1, 4):

@@ -98,12 +98,30 @@ def _shards(spec: str, cfg_key: tuple, split: str) -> list[list[int]]:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _label_rows(model: str, labels: tuple[str, ...]) -> torch.Tensor:
+    """A task's LM-head label rows, once per process: every device a Ray actor serves shares
+    them (at N = 1,000 almost every call is a device the actor has not met)."""
+    return label_rows(load_backbone(model), labels)
+
+
+@functools.lru_cache(maxsize=64)
+def _label_basis(
+    secret: CohortSecret, model: str, task_name: str, labels: tuple[str, ...]
+) -> torch.Tensor:
+    """A task's masked label basis, once per process and cohort secret (the same on every
+    device that holds the secret)."""
+    q = secret.rotation(load_backbone(model).hidden_size)
+    return label_basis(_label_rows(model, labels), q, secret.rotation(len(labels), task_name))
+
+
 @torch.no_grad()
 def side_output(
     side_network: torch.nn.Module, acts: torch.Tensor, batch: int = 512
 ) -> torch.Tensor:
     """The downloaded side network's (masked) output for pivot activations, in batches."""
-    side_network.eval()
+    if side_network.training:  # eval() walks every module: a millisecond per call
+        side_network.eval()
     dtype = next(side_network.parameters()).dtype
     return torch.cat(
         [side_network(acts[i : i + batch].to(dtype)) for i in range(0, len(acts), batch)]
@@ -127,7 +145,6 @@ class Device:
         self.secret = secret or CohortSecret.for_process(cache_dir() / "cohort_secret")
         rng = random.Random(f"{cfg.seed}:stagger:{partition_id}")
         self.offset = rng.randint(0, cfg.stagger_rounds) if cfg.stagger_rounds else 0
-        self._label_rows_of: dict[tuple[str, ...], torch.Tensor] = {}
 
     @functools.cached_property
     def backbone(self) -> Backbone:
@@ -170,14 +187,14 @@ class Device:
 
     def _label_rows(self, task: Task) -> torch.Tensor:
         """The LM-head rows of a task's label words (computed once per task and process)."""
-        key = tuple(task.labels)
-        if key not in self._label_rows_of:
-            self._label_rows_of[key] = label_rows(self.backbone, task.labels)
-        return self._label_rows_of[key]
+        return _label_rows(self.cfg.model, tuple(task.labels))
 
     def features(self, task: Task, texts: list[str]) -> Features:
         """Pivot activations, label logits and forward time of the frozen backbone."""
-        prompts = self._prompts(task, texts)
+        return self.prompt_features(task, self._prompts(task, texts))
+
+    def prompt_features(self, task: Task, prompts: list[str]) -> Features:
+        """:meth:`features` of prompts already built (:meth:`_prompts`)."""
 
         def compute(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor, float]:
             f = pivot_features(
@@ -194,10 +211,11 @@ class Device:
         rows = self._label_rows(task)
         return Features(acts, final @ rows.T, rows, seconds)
 
-    def sequence_features(self, task: Task, texts: list[str]) -> tuple[Features, SequenceFeatures]:
+    def sequence_features(
+        self, task: Task, prompts: list[str]
+    ) -> tuple[Features, SequenceFeatures]:
         """Every prompt token's states (the "no shortcut" ablation; never from the store),
         and the features the shortcut would have kept of them."""
-        prompts = self._prompts(task, texts)
         seq = sequence_features(self.backbone, prompts, self.layers, self.cfg.batch_size)
         rows = self._label_rows(task)
         feats = Features(seq.summary(self.cfg.shortcut), seq.final @ rows.T, rows, seq.seconds)
@@ -211,9 +229,7 @@ class Device:
 
     def label_basis(self, task: Task) -> torch.Tensor:
         """The task's masked label basis ``U_t`` (d, C) float64, the same on every device."""
-        rows = self._label_rows(task)
-        q = self.secret.rotation(self.backbone.hidden_size)
-        return label_basis(rows, q, self.secret.rotation(len(task.labels), task.name))
+        return _label_basis(self.secret, self.cfg.model, task.name, tuple(task.labels))
 
     def _differences(
         self,
@@ -286,27 +302,27 @@ class Device:
             if self.cfg.upload_sequence:
                 arrays["lengths"] = np.zeros(0, np.int64)
             return Upload(self.task_key(index), arrays, 0.0, refresh)
-        texts = [ex.text for _, ex in new]
+        prompts = self._prompts(task, [ex.text for _, ex in new])
         labels = torch.tensor([ex.label for _, ex in new])
         if self.cfg.upload_sequence:  # the "no shortcut" ablation: every token's states
-            feats, sequences = self.sequence_features(task, texts)
+            feats, sequences = self.sequence_features(task, prompts)
             arrays = encode_activations(sequences.states, self.cfg.precision)
             arrays["lengths"] = sequences.lengths.numpy()
         else:
-            feats = self.features(task, texts)
+            feats = self.prompt_features(task, prompts)
             arrays = encode_activations(feats.acts, self.cfg.precision)
         arrays.update(
             ids=ids_to_array([i for i, _ in new]),
             targets=self._differences(feats, labels, None, new[0][0], basis),
         )
-        flops = self.forward_flops(task, [ex.text for _, ex in new])
-        upload = Upload(self.task_key(index), arrays, feats.seconds, refresh, flops)
+        upload = Upload(
+            self.task_key(index), arrays, feats.seconds, refresh, self.forward_flops(prompts)
+        )
         upload.basis = basis.float().numpy()
         return upload
 
-    def forward_flops(self, task: Task, texts: list[str]) -> float:
-        """FLOPs estimate of the backbone forward over ``texts``' prompts (padding excluded)."""
-        prompts = self._prompts(task, texts)
+    def forward_flops(self, prompts: list[str]) -> float:
+        """FLOPs estimate of the backbone forward over ``prompts`` (padding excluded)."""
         tokens = sum(len(ids) for ids in self.backbone.tokenizer(prompts).input_ids)
         return forward_flops(self.backbone.matmul_params, tokens)
 
