@@ -14,7 +14,6 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,21 +32,52 @@ class BackboneError(RuntimeError):
     """The backbone could not be found or loaded; the message says what to install or set."""
 
 
-@dataclass
 class Backbone:
-    """A frozen causal LM with its tokenizer, in inference mode."""
+    """A frozen causal LM with its tokenizer, in inference mode.
 
-    name: str
-    model: torch.nn.Module
-    tokenizer: object
+    Built around a loaded ``model``, or around a ``path`` whose weights load on the first use
+    of :attr:`model`: a device whose backbone outputs all come from the activation store
+    needs only the tokenizer and the config, and a Ray actor then starts seconds sooner.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        tokenizer: object,
+        model: torch.nn.Module | None = None,
+        *,
+        config: object | None = None,
+        path: str | None = None,
+    ) -> None:
+        if model is None and (path is None or config is None):
+            raise ValueError("a Backbone needs a model, or the path and config to load one")
+        self.name = name
+        self.tokenizer = tokenizer
+        self.config = config if config is not None else model.config
+        self.path = path
+        self._model = model
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The frozen model, loaded (once) when first needed."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = _load_model(self.name, self.path)
+        return self._model
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
 
     @property
     def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        return int(self.config.num_hidden_layers)
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.config.hidden_size)
 
     @functools.cached_property
     def matmul_params(self) -> int:
@@ -115,29 +145,48 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_backbone(name: str = DEFAULT_MODEL) -> Backbone:
-    """Load (once per process) a frozen causal LM in float32 inference mode."""
+    """Load (once per process) a frozen causal LM in float32 inference mode.
+
+    The tokenizer and the config load now; the weights when :attr:`Backbone.model` is first
+    used. The config is read as a generic one: ``AutoConfig`` would import the model's own
+    modules, about a second of transformers' imports that only the weights need.
+    """
     with _LOCK:
         if name in _LOADED:
             return _LOADED[name]
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
 
         path = resolve_model_path(name)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            config = PretrainedConfig.from_dict(PretrainedConfig.get_config_dict(path)[0])
+            tokenizer = AutoTokenizer.from_pretrained(path, config=config)
         except OSError as err:
-            raise BackboneError(
-                f"Could not load backbone {name!r} ({err}). Give a local directory or a "
-                f"Hugging Face name reachable from this machine, or use {DEFAULT_MODEL!r}."
-            ) from err
+            raise _load_error(name, err) from err
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # the pivot is then always the last position
-        model.eval()
-        model.requires_grad_(False)
-        backbone = Backbone(name=name, model=model, tokenizer=tokenizer)
+        backbone = Backbone(name, tokenizer, config=config, path=path)
         _LOADED[name] = backbone
         return backbone
+
+
+def _load_model(name: str, path: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as err:
+        raise _load_error(name, err) from err
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _load_error(name: str, err: OSError) -> BackboneError:
+    return BackboneError(
+        f"Could not load backbone {name!r} ({err}). Give a local directory or a "
+        f"Hugging Face name reachable from this machine, or use {DEFAULT_MODEL!r}."
+    )
 
 
 def select_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:

@@ -243,3 +243,57 @@ def _rebuilt(content):
     from flower_pae.wire import side_network_from_records
 
     return LadderSideNetwork.from_state(*side_network_from_records(content))
+
+
+def test_a_device_whose_store_is_warm_never_loads_the_weights(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """With every backbone output in the activation store, a device (in a new process: nothing
+    loaded, nothing cached) uploads and evaluates without loading the model's weights, and
+    sends and computes exactly what the device that filled the store did."""
+    import flower_pae.backbone as backbone_module
+    import flower_pae.device.device as device_module
+    from flower_pae.config import RunConfig
+    from flower_pae.side_network import LadderSideNetwork
+
+    monkeypatch.setenv("FLOWER_PAE_CACHE", str(tmp_path))
+    cfg = RunConfig(
+        model=str(tiny_model_dir), stream="pypi:bbc", num_devices=2, max_train=8, max_test=6
+    )
+
+    def new_process() -> None:
+        monkeypatch.setattr(backbone_module, "_LOADED", {})
+        for cached in ("_label_rows", "_label_basis", "_matmul_params"):
+            getattr(device_module, cached).cache_clear()
+
+    def run():
+        new_process()
+        device = device_module.Device(cfg, 1)
+        upload = device.upload(1, set())
+        net = LadderSideNetwork(device.backbone.num_layers, device.backbone.hidden_size, seed=3)
+        net.add_task(upload.task_key)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+        return device, upload, device.evaluate(1, net)
+
+    cold_device, cold, cold_eval = run()
+    assert cold_device.backbone.model_loaded and cold.num_samples == 4
+    warm_device, warm, warm_eval = run()
+    assert not warm_device.backbone.model_loaded
+    assert warm_eval == cold_eval
+    assert (warm.task_key, warm.flops, warm.forward_seconds) == (
+        cold.task_key,
+        cold.flops,
+        cold.forward_seconds,
+    )
+    assert np.array_equal(warm.basis, cold.basis)
+    assert warm.arrays.keys() == cold.arrays.keys()
+    for name, value in cold.arrays.items():
+        assert np.array_equal(warm.arrays[name], value), name
+    # the store is only a cache: without it, the device loads the weights and sends the same
+    new_process()
+    monkeypatch.setattr(cfg, "activation_store", False)
+    device = device_module.Device(cfg, 1)
+    assert np.array_equal(device.upload(1, set()).arrays["targets"], cold.arrays["targets"])
+    assert device.backbone.model_loaded

@@ -10,6 +10,7 @@ import functools
 import random
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,20 +100,42 @@ def _shards(spec: str, cfg_key: tuple, split: str) -> list[list[int]]:
 
 
 @functools.lru_cache(maxsize=64)
-def _label_rows(model: str, labels: tuple[str, ...]) -> torch.Tensor:
-    """A task's LM-head label rows, once per process: every device a Ray actor serves shares
-    them (at N = 1,000 almost every call is a device the actor has not met)."""
-    return label_rows(load_backbone(model), labels)
+def _label_rows(model: str, labels: tuple[str, ...], store: Path | None) -> torch.Tensor:
+    """A task's LM-head label rows, once per process (every device a Ray actor serves shares
+    them: at N = 1,000 almost every call is a device the actor has not met), and once per
+    machine in the activation store under ``store``, if any."""
+    backbone = load_backbone(model)
+    if store is None:
+        return label_rows(backbone, labels)
+    entry = ActivationStore(store).model_arrays(
+        model,
+        "label_rows\x1f" + "\x1f".join(labels),
+        lambda: {"rows": label_rows(backbone, labels).numpy()},
+    )
+    return torch.from_numpy(entry["rows"])
+
+
+@functools.lru_cache(maxsize=8)
+def _matmul_params(model: str, store: Path | None) -> int:
+    """``P`` of the FLOPs estimates, once per process, and once per machine in the store."""
+    backbone = load_backbone(model)
+    if store is None:
+        return backbone.matmul_params
+    entry = ActivationStore(store).model_arrays(
+        model, "matmul_params", lambda: {"params": np.int64(backbone.matmul_params)}
+    )
+    return int(entry["params"])
 
 
 @functools.lru_cache(maxsize=64)
 def _label_basis(
-    secret: CohortSecret, model: str, task_name: str, labels: tuple[str, ...]
+    secret: CohortSecret, model: str, task_name: str, labels: tuple[str, ...], store: Path | None
 ) -> torch.Tensor:
     """A task's masked label basis, once per process and cohort secret (the same on every
     device that holds the secret)."""
     q = secret.rotation(load_backbone(model).hidden_size)
-    return label_basis(_label_rows(model, labels), q, secret.rotation(len(labels), task_name))
+    gauge = secret.rotation(len(labels), task_name)
+    return label_basis(_label_rows(model, labels, store), q, gauge)
 
 
 @torch.no_grad()
@@ -185,9 +208,13 @@ class Device:
             cache_dir() / "activations", max_bytes=int(self.cfg.store_max_gb * 2**30)
         )
 
+    @property
+    def _store_root(self) -> Path | None:
+        return self.store.root if self.store is not None else None
+
     def _label_rows(self, task: Task) -> torch.Tensor:
         """The LM-head rows of a task's label words (computed once per task and process)."""
-        return _label_rows(self.cfg.model, tuple(task.labels))
+        return _label_rows(self.cfg.model, tuple(task.labels), self._store_root)
 
     def features(self, task: Task, texts: list[str]) -> Features:
         """Pivot activations, label logits and forward time of the frozen backbone."""
@@ -229,7 +256,8 @@ class Device:
 
     def label_basis(self, task: Task) -> torch.Tensor:
         """The task's masked label basis ``U_t`` (d, C) float64, the same on every device."""
-        return _label_basis(self.secret, self.cfg.model, task.name, tuple(task.labels))
+        labels = tuple(task.labels)
+        return _label_basis(self.secret, self.cfg.model, task.name, labels, self._store_root)
 
     def _differences(
         self,
@@ -324,7 +352,7 @@ class Device:
     def forward_flops(self, prompts: list[str]) -> float:
         """FLOPs estimate of the backbone forward over ``prompts`` (padding excluded)."""
         tokens = sum(len(ids) for ids in self.backbone.tokenizer(prompts).input_ids)
-        return forward_flops(self.backbone.matmul_params, tokens)
+        return forward_flops(_matmul_params(self.cfg.model, self._store_root), tokens)
 
     # ---- local evaluation ----------------------------------------------------------------
     def test_features(self, index: int, store: dict | None = None) -> dict[str, torch.Tensor]:

@@ -71,6 +71,19 @@ class ActivationStore:
                 os.unlink(tmp)
         self.stats.bytes_written += path.stat().st_size
 
+    def model_arrays(
+        self, model: str, name: str, compute: Callable[[], dict[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """Arrays that depend on the model alone (its label words' LM-head rows, its size),
+        computed once per machine like the activations, so that a device whose activations
+        all come from the store never loads the weights. Not counted in :attr:`stats`."""
+        key = hashlib.sha256("\x1f".join([model, "model", name]).encode("utf-8")).hexdigest()
+        entry = self.get(key)
+        if entry is None:
+            entry = compute()
+            self.put(key, entry)
+        return entry
+
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*/*.npz"))
 
