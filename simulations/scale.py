@@ -336,10 +336,11 @@ def seeded_flower_ids(seed: int) -> Iterator[None]:
 
 
 def store_entries(root: Path) -> set[str]:
-    """Names of the activation store's entries (``<key>.npz``) under ``root``."""
+    """Names of the activation store's entries (``<key>.npz``) under ``root``: one per
+    prompt, not the model's own arrays (under ``model/``)."""
     if not root.is_dir():
         return set()
-    return {p.name for p in root.glob("*/*.npz")}
+    return {p.name for p in root.glob("??/*.npz")}
 
 
 def store_seconds(root: Path, names: Iterable[str]) -> float:

@@ -67,3 +67,26 @@ def test_cap_evicts_oldest(tmp_path):
         store.enforce_cap()
     assert store.size_bytes() <= 10_000 and store.stats.evicted > 0
     assert store.get(store.key("m", [1], "19")) is not None
+
+
+def test_model_arrays_are_computed_once_and_kept_apart_from_the_prompts(tmp_path):
+    """A model's own arrays (label rows, its size) are computed once per store; a scale study
+    counts only the prompts' entries as forwards."""
+    from simulations.scale import store_entries
+
+    store = ActivationStore(tmp_path / "store")
+    calls = []
+
+    def rows():
+        calls.append(1)
+        return {"rows": np.arange(6, dtype=np.float32).reshape(2, 3)}
+
+    first = store.model_arrays("tiny", "label_rows\x1fa\x1fb", rows)
+    again = ActivationStore(tmp_path / "store").model_arrays("tiny", "label_rows\x1fa\x1fb", rows)
+    assert len(calls) == 1 and np.array_equal(first["rows"], again["rows"])
+    assert store.model_arrays("other", "label_rows\x1fa\x1fb", rows) is not None
+    assert len(calls) == 2  # another model, another entry
+    store.features(
+        "tiny", [1], ["a prompt"], lambda p: (torch.ones(1, 1, 2), torch.ones(1, 2), 0.5)
+    )
+    assert len(store_entries(tmp_path / "store")) == 1

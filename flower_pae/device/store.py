@@ -4,8 +4,10 @@ A simulation study runs the same frozen forwards again and again (every method, 
 seed over the same tasks). The store computes them once per machine: the key is a hash of
 (model, layers, prompt), the value the pivot activations, the final hidden state and the
 measured forward time, so the device time the protocol would have spent is still accounted.
-Writers in several Ray actors are safe: each entry is written to a temporary file and
-renamed into place, so a reader sees a whole entry or none.
+Entries live under the first two hex digits of their key; the few arrays that depend on the
+model alone (:meth:`ActivationStore.model_arrays`) under ``model/``. Writers in several Ray
+actors are safe: each entry is written to a temporary file and renamed into place, so a
+reader sees a whole entry or none.
 """
 
 from __future__ import annotations
@@ -47,19 +49,19 @@ class ActivationStore:
         text = "\x1f".join(parts)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.npz"
+    def _path(self, key: str, folder: str | None = None) -> Path:
+        return self.root / (folder or key[:2]) / f"{key}.npz"
 
-    def get(self, key: str) -> dict[str, np.ndarray] | None:
-        path = self._path(key)
+    def get(self, key: str, folder: str | None = None) -> dict[str, np.ndarray] | None:
+        path = self._path(key, folder)
         try:
             with np.load(path) as data:
                 return {k: data[k] for k in data.files}
         except (FileNotFoundError, OSError, ValueError):
             return None
 
-    def put(self, key: str, entry: dict[str, np.ndarray]) -> None:
-        path = self._path(key)
+    def put(self, key: str, entry: dict[str, np.ndarray], folder: str | None = None) -> None:
+        path = self._path(key, folder)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:
@@ -77,11 +79,11 @@ class ActivationStore:
         """Arrays that depend on the model alone (its label words' LM-head rows, its size),
         computed once per machine like the activations, so that a device whose activations
         all come from the store never loads the weights. Not counted in :attr:`stats`."""
-        key = hashlib.sha256("\x1f".join([model, "model", name]).encode("utf-8")).hexdigest()
-        entry = self.get(key)
+        key = hashlib.sha256("\x1f".join([model, name]).encode("utf-8")).hexdigest()
+        entry = self.get(key, "model")
         if entry is None:
             entry = compute()
-            self.put(key, entry)
+            self.put(key, entry, "model")
         return entry
 
     def size_bytes(self) -> int:
