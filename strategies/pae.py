@@ -29,6 +29,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+from flwr.supercore.inflatable.inflatable_object import no_object_id_recompute
 
 from flower_pae import cl_metrics
 from flower_pae.runlog import RunRecorder
@@ -855,8 +856,11 @@ class PAEStrategy(Strategy):
         return pushed
 
     def _record_requests(self, pushed: _Pushed) -> None:
-        for msg in pushed.messages:
-            self.recorder.message(pushed.server_round, pushed.phase, msg, "down")
+        # A phase's requests share records (every evaluation request carries the same side
+        # network): Flower's context hashes each shared object once, not once per request.
+        with no_object_id_recompute():
+            for msg in pushed.messages:
+                self.recorder.message(pushed.server_round, pushed.phase, msg, "down")
         pushed.messages = []
 
     def _collect(self, grid: Grid, pushed: _Pushed, timeout: float) -> list[Message]:
