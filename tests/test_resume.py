@@ -277,3 +277,54 @@ def test_resume_refuses_other_settings_and_missing_runs(two_runs, tiny_model_dir
     with pytest.raises(ConfigError, match="holds no checkpointed run"):
         check_resumable(_config(tiny_model_dir, resume=True), tmp_path)
     assert main(["run", "--resume", str(tmp_path / "nothing")]) == 2
+
+
+def test_checkpoint_tensors_come_back_exactly_and_unshared(tmp_path):
+    """Packed into one buffer per dtype on disk, every tensor comes back with its dtype,
+    shape and values, as its own copy; a checkpoint of the format before packing still
+    loads."""
+    from collections import OrderedDict
+
+    from flower_pae.server.checkpoint import save_state
+
+    tensors = {
+        "net": OrderedDict(w=torch.randn(3, 4), flag=torch.tensor(True), b=torch.zeros(0)),
+        "trainer": {
+            "optimizers": [{"state": {0: {"step": torch.tensor(3.0), "m": torch.randn(4, 3).T}}}],
+            "groups": [{"params": [0], "betas": (0.9, 0.999)}],
+            "generator": torch.arange(5, dtype=torch.uint8),
+        },
+        "bases": torch.randn(2, 2, dtype=torch.float64),
+        "none": None,
+    }
+    save_state(tmp_path / "packed", {"round": 4}, tensors)
+    state, loaded = load_state(tmp_path / "packed")
+    assert state == {"round": 4}
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+            return
+        assert type(a) in (type(b), OrderedDict) and not isinstance(b, torch.Tensor)
+        if isinstance(a, dict):
+            assert list(a) == list(b)
+            for key in a:
+                same(a[key], b[key])
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b)
+            for x, y in zip(a, b, strict=True):
+                same(x, y)
+        else:
+            assert a == b
+
+    same(tensors, loaded)
+    loaded["net"]["w"].add_(1.0)  # each its own memory, though w and m shared a buffer
+    m = tensors["trainer"]["optimizers"][0]["state"][0]["m"]
+    assert torch.equal(loaded["trainer"]["optimizers"][0]["state"][0]["m"], m)
+    (tmp_path / "old").mkdir()
+    torch.save(
+        {"format": 1, "state": '{"round": 2}', "tensors": tensors}, tmp_path / "old/state.pt"
+    )
+    state, loaded = load_state(tmp_path / "old")
+    assert state == {"round": 2}
+    same(tensors, loaded)
