@@ -746,7 +746,7 @@ class PAEStrategy(Strategy):
             messages = self.evaluate_messages(r, pending["evaluate"], evaluate_config)
             evaluating = (r, self._push(grid, r, "evaluate", messages), None)
             messages = self.upload_messages(r + 1, pending["train"], train_config)
-            uploads = self._push(grid, r + 1, "train", messages, record=False)
+            uploads = self._push(grid, r + 1, "train", messages)
             first, self._pending = r + 1, None
         for server_round in range(first, num_rounds + 1):
             if uploads is None:
@@ -764,13 +764,13 @@ class PAEStrategy(Strategy):
             if overlap:
                 # the devices work on these while the server trains; recorded when collected
                 messages = self.configure_train(server_round + 1, ArrayRecord(), train_config, grid)
-                uploads = self._push(grid, server_round + 1, "train", list(messages), record=False)
+                uploads = self._push(grid, server_round + 1, "train", list(messages))
             _, train_metrics = self.train_cached(server_round, metrics)
             # out at once, so that the devices evaluate while the server closes the previous
             # round and checkpoints; recorded when collected, so a checkpoint taken now
             # holds neither these requests nor their replies
             messages = self.evaluate_messages(server_round, nodes, evaluate_config)
-            evaluation = self._push(grid, server_round, "evaluate", messages, record=False)
+            evaluation = self._push(grid, server_round, "evaluate", messages)
             if evaluating is not None:
                 self._finish_round(grid, *evaluating, result, num_rounds, timeout)
             evaluating = (server_round, evaluation, train_metrics)
@@ -840,20 +840,15 @@ class PAEStrategy(Strategy):
         )
         self.completed_rounds = server_round
 
-    def _push(
-        self,
-        grid: Grid,
-        server_round: int,
-        phase: str,
-        messages: list[Message],
-        record: bool = True,
-    ) -> _Pushed:
-        """Send a phase's requests; record them (serialized, measured) while the devices work,
-        or, ``record=False``, when their replies are collected."""
-        pushed = _Pushed(server_round, phase, messages, list(grid.push_messages(messages)))
-        if record:
-            self._record_requests(pushed)
-        return pushed
+    def _push(self, grid: Grid, server_round: int, phase: str, messages: list[Message]) -> _Pushed:
+        """Send a phase's requests; they are recorded when their replies are collected.
+
+        Not before: measuring a message writes into its objects (Flower caches each object's
+        id in it), while Flower's worker threads may still be serializing the same objects
+        for Ray, which then fails ("dictionary changed size during iteration"). It did, in a
+        few runs of the old code, which recorded requests as soon as they were pushed.
+        """
+        return _Pushed(server_round, phase, messages, list(grid.push_messages(messages)))
 
     def _record_requests(self, pushed: _Pushed) -> None:
         # A phase's requests share records (every evaluation request carries the same side
@@ -867,10 +862,10 @@ class PAEStrategy(Strategy):
         """The replies to a pushed phase (waiting up to ``timeout`` after its push); records
         them, and which devices failed or did not answer."""
         server_round, phase = pushed.server_round, pushed.phase
-        self._record_requests(pushed)
         replies = _receive_replies(
             grid, pushed.ids, timeout, f"round {server_round} {phase}", pushed.at
         )
+        self._record_requests(pushed)  # answered, so Flower is done with them
         for reply in replies:
             n, key = 0, None
             if not reply.has_error() and phase == "train" and UPLOAD in reply.content:

@@ -328,3 +328,40 @@ def test_checkpoint_tensors_come_back_exactly_and_unshared(tmp_path):
     state, loaded = load_state(tmp_path / "old")
     assert state == {"round": 2}
     same(tensors, loaded)
+
+
+def test_requests_are_measured_only_once_answered(tmp_path):
+    """Measuring a message writes Flower's object ids into its objects, while Flower's worker
+    threads may still be serializing a pushed request for Ray: the server measures a phase's
+    requests only once the devices have answered them."""
+    import time
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    strategy = _strategy(tmp_path, 0.0)
+    requests = [
+        Message(
+            RecordDict({CONFIG: ConfigRecord({"round": 1})}), dst_node_id=n, message_type="train"
+        )
+        for n in (1, 2)
+    ]
+    measured_at_pull = []
+
+    class Grid:
+        def push_messages(self, messages):
+            return [f"q{m.metadata.dst_node_id}" for m in messages]
+
+        def pull_messages(self, ids):
+            measured_at_pull.append(len(strategy.recorder._messages))
+            meta = [
+                Metadata(1, f"r{n}", n, 0, f"q{n}", "", time.time(), 60.0, "train") for n in (1, 2)
+            ]
+            return [Message(RecordDict(), metadata=m) for m in meta if m.reply_to_message_id in ids]
+
+    pushed = strategy._push(Grid(), 1, "train", requests)
+    assert strategy.recorder._messages == []
+    assert len(strategy._collect(Grid(), pushed, timeout=5.0)) == 2
+    assert measured_at_pull == [0]
+    rows = strategy.recorder._messages
+    assert [r["direction"] for r in rows] == ["down", "down", "up", "up"]
