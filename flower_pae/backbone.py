@@ -36,8 +36,9 @@ class Backbone:
     """A frozen causal LM with its tokenizer, in inference mode.
 
     Built around a loaded ``model``, or around a ``path`` whose weights load on the first use
-    of :attr:`model`: a device whose backbone outputs all come from the activation store
-    needs only the tokenizer and the config, and a Ray actor then starts seconds sooner.
+    of :attr:`model` (or :meth:`load`): a device whose backbone outputs all come from the
+    activation store needs only the tokenizer and the config, and a Ray actor then starts
+    seconds sooner.
     """
 
     def __init__(
@@ -61,6 +62,11 @@ class Backbone:
     @property
     def model(self) -> torch.nn.Module:
         """The frozen model, loaded (once) when first needed."""
+        return self.load()
+
+    def load(self) -> torch.nn.Module:
+        """Load the weights now, if not yet: before a clock starts, so that no measured
+        forward includes the loading."""
         if self._model is None:
             with self._lock:
                 if self._model is None:
@@ -73,11 +79,17 @@ class Backbone:
 
     @property
     def num_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
+        return int(self._config_value("num_hidden_layers"))
 
     @property
     def hidden_size(self) -> int:
-        return int(self.config.hidden_size)
+        return int(self._config_value("hidden_size"))
+
+    def _config_value(self, name: str) -> object:
+        """A config entry; from the model's own config (which knows every model family's
+        aliases, GPT-2's ``n_layer`` say) when the generic config lacks it."""
+        value = getattr(self.config, name, None)
+        return value if value is not None else getattr(self.model.config, name)
 
     @functools.cached_property
     def matmul_params(self) -> int:
@@ -144,13 +156,22 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_backbone(name: str = DEFAULT_MODEL) -> Backbone:
+def load_backbone(name: str = DEFAULT_MODEL, weights: bool = True) -> Backbone:
     """Load (once per process) a frozen causal LM in float32 inference mode.
 
-    The tokenizer and the config load now; the weights when :attr:`Backbone.model` is first
-    used. The config is read as a generic one: ``AutoConfig`` would import the model's own
-    modules, about a second of transformers' imports that only the weights need.
+    The tokenizer and the config load now, and the weights too unless ``weights=False``: then
+    when :attr:`Backbone.model` is first used (the PAE device, whose backbone outputs may all
+    come from the activation store). The config is read as a generic one: ``AutoConfig``
+    would import the model's own modules, about a second of transformers' imports that only
+    the weights need.
     """
+    backbone = _tokenizer_and_config(name)
+    if weights:
+        backbone.load()
+    return backbone
+
+
+def _tokenizer_and_config(name: str) -> Backbone:
     with _LOCK:
         if name in _LOADED:
             return _LOADED[name]

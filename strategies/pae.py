@@ -14,6 +14,7 @@ directory, and :meth:`PAEStrategy.resume` continues a stopped run where it stopp
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import random
@@ -850,11 +851,18 @@ class PAEStrategy(Strategy):
         """
         return _Pushed(server_round, phase, messages, list(grid.push_messages(messages)))
 
-    def _record_requests(self, pushed: _Pushed) -> None:
-        # A phase's requests share records (every evaluation request carries the same side
-        # network): Flower's context hashes each shared object once, not once per request.
+    def _record_requests(self, pushed: _Pushed, answered: bool) -> None:
+        """Measure and record a phase's requests, once ``answered`` (all of them) or on a copy.
+
+        Measuring writes Flower's object ids into a message's objects, and Flower may still
+        be serializing a request no device has answered; a phase's requests share records,
+        so then all of them are measured on a copy.
+        """
+        messages = pushed.messages if answered else copy.deepcopy(pushed.messages)
+        # every evaluation request carries the same side network: Flower's context hashes
+        # each shared object once, not once per request
         with no_object_id_recompute():
-            for msg in pushed.messages:
+            for msg in messages:
                 self.recorder.message(pushed.server_round, pushed.phase, msg, "down")
         pushed.messages = []
 
@@ -865,7 +873,7 @@ class PAEStrategy(Strategy):
         replies = _receive_replies(
             grid, pushed.ids, timeout, f"round {server_round} {phase}", pushed.at
         )
-        self._record_requests(pushed)  # answered, so Flower is done with them
+        self._record_requests(pushed, answered=len(replies) == pushed.count)
         for reply in replies:
             n, key = 0, None
             if not reply.has_error() and phase == "train" and UPLOAD in reply.content:

@@ -297,3 +297,40 @@ def test_a_device_whose_store_is_warm_never_loads_the_weights(
     device = device_module.Device(cfg, 1)
     assert np.array_equal(device.upload(1, set()).arrays["targets"], cold.arrays["targets"])
     assert device.backbone.model_loaded
+
+
+def test_the_weights_load_off_the_clock_and_only_for_a_forward(tiny_model_dir, monkeypatch):
+    """A backbone loaded without its weights loads them before a forward's clock starts (the
+    store keeps each measured forward time for later runs), and not at all for no prompts."""
+    import time
+
+    import flower_pae.backbone as backbone_module
+
+    load = backbone_module._load_model
+
+    def slow_load(*args):
+        time.sleep(1.0)
+        return load(*args)
+
+    monkeypatch.setattr(backbone_module, "_LOADED", {})
+    monkeypatch.setattr(backbone_module, "_load_model", slow_load)
+    backbone = load_backbone(str(tiny_model_dir), weights=False)
+    layers = select_layers("all", backbone.num_layers)
+    assert pivot_features(backbone, [], layers).acts.shape == (0, len(layers), 64)
+    assert not backbone.model_loaded
+    feats = pivot_features(backbone, PROMPTS, layers)
+    assert backbone.model_loaded and feats.seconds < 1.0
+
+
+def test_a_config_without_the_generic_names_asks_the_models_own(monkeypatch):
+    """GPT-2's config says ``n_layer``; the generic config read at once does not know that
+    alias, the model's own config does."""
+    from types import SimpleNamespace
+
+    import flower_pae.backbone as backbone_module
+
+    model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=3, hidden_size=8))
+    monkeypatch.setattr(backbone_module, "_load_model", lambda name, path: model)
+    config = SimpleNamespace(n_layer=3, n_embd=8)
+    backbone = backbone_module.Backbone("gpt2-like", None, config=config, path="unused")
+    assert (backbone.num_layers, backbone.hidden_size) == (3, 8)

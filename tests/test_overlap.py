@@ -22,6 +22,7 @@ from flower_pae.config import RunConfig
 from tests.run_contract import assert_same_run
 
 FIT_STARTS: dict[str, list[float]] = {}  # when each run's server began each round's training
+EVALUATED: dict[str, dict[int, float]] = {}  # when it took each round's evaluation replies
 
 
 def _config(tiny_model_dir: Path, **changes) -> RunConfig:
@@ -45,8 +46,9 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     default: overlapping, a checkpoint every round."""
     from flower_pae.side_network import SideNetworkTrainer
     from simulations.cli import simulate
+    from strategies.pae import PAEStrategy
 
-    fit = SideNetworkTrainer.fit
+    fit, aggregate = SideNetworkTrainer.fit, PAEStrategy.aggregate_evaluate
     out = {}
     for name, changes in (
         ("sequential", {"overlap_rounds": False, "checkpoint_every": 4}),
@@ -54,14 +56,20 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
         ("checkpointed", {}),
     ):
         starts = FIT_STARTS[name] = []
+        evaluated = EVALUATED[name] = {}
 
         def timed_fit(self, *args, starts=starts, **kwargs):
             starts.append(time.time())  # the server runs in this process
             return fit(self, *args, **kwargs)
 
+        def timed_aggregate(self, server_round, replies, evaluated=evaluated):
+            evaluated[server_round] = time.time()
+            return aggregate(self, server_round, replies)
+
         out[name] = tmp_path_factory.mktemp(name)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(SideNetworkTrainer, "fit", timed_fit)
+            patch.setattr(PAEStrategy, "aggregate_evaluate", timed_aggregate)
             simulate(_config(tiny_model_dir, **changes), out[name])
     return out
 
@@ -109,10 +117,12 @@ def test_rounds_overlap_only_where_asked(runs):
             assert first[(r, "evaluate")] >= last[(r, "train")]
             if r + 1 in rounds:
                 assert last[(r, "train")] <= first[(r + 1, "train")] < first[(r, "evaluate")]
-        # the speed-up itself: the next round's uploads are out before this round's training
+        # the speed-up itself: the next round's uploads are out before this round's training,
+        # and its evaluation before this round's evaluation replies are taken
         assert len(FIT_STARTS[name]) == 4
         for r in range(1, 4):
             assert first[(r + 1, "train")] < FIT_STARTS[name][r - 1], (name, r)
+            assert first[(r + 1, "evaluate")] < EVALUATED[name][r], (name, r)
     for r in range(1, 4):
         for name, evaluation_first in (
             ("sequential", True),

@@ -67,6 +67,12 @@ def test_cap_evicts_oldest(tmp_path):
         store.enforce_cap()
     assert store.size_bytes() <= 10_000 and store.stats.evicted > 0
     assert store.get(store.key("m", [1], "19")) is not None
+    # the model's own arrays, written before any prompt's entry, are never evicted
+    store.model_arrays("m", "facts", lambda: {"params": np.int64(7)})
+    for i in range(20, 40):
+        store.put(store.key("m", [1], str(i)), {"acts": np.zeros(500, np.float32)})
+        store.enforce_cap()
+    assert store.model_arrays("m", "facts", lambda: {"params": np.int64(-1)})["params"] == 7
 
 
 def test_model_arrays_are_computed_once_and_kept_apart_from_the_prompts(tmp_path):

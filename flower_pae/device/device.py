@@ -104,7 +104,7 @@ def _label_rows(model: str, labels: tuple[str, ...], store: Path | None) -> torc
     """A task's LM-head label rows, once per process (every device a Ray actor serves shares
     them: at N = 1,000 almost every call is a device the actor has not met), and once per
     machine in the activation store under ``store``, if any."""
-    backbone = load_backbone(model)
+    backbone = load_backbone(model, weights=False)
     if store is None:
         return label_rows(backbone, labels)
     entry = ActivationStore(store).model_arrays(
@@ -118,7 +118,7 @@ def _label_rows(model: str, labels: tuple[str, ...], store: Path | None) -> torc
 @functools.lru_cache(maxsize=8)
 def _matmul_params(model: str, store: Path | None) -> int:
     """``P`` of the FLOPs estimates, once per process, and once per machine in the store."""
-    backbone = load_backbone(model)
+    backbone = load_backbone(model, weights=False)
     if store is None:
         return backbone.matmul_params
     entry = ActivationStore(store).model_arrays(
@@ -133,7 +133,7 @@ def _label_basis(
 ) -> torch.Tensor:
     """A task's masked label basis, once per process and cohort secret (the same on every
     device that holds the secret)."""
-    q = secret.rotation(load_backbone(model).hidden_size)
+    q = secret.rotation(load_backbone(model, weights=False).hidden_size)
     gauge = secret.rotation(len(labels), task_name)
     return label_basis(_label_rows(model, labels, store), q, gauge)
 
@@ -171,7 +171,8 @@ class Device:
 
     @functools.cached_property
     def backbone(self) -> Backbone:
-        return load_backbone(self.cfg.model)
+        """The frozen backbone; its weights load only when a forward needs them."""
+        return load_backbone(self.cfg.model, weights=False)
 
     @functools.cached_property
     def layers(self) -> list[int]:

@@ -57,6 +57,8 @@ def build_prompt(backbone: Backbone, task, text: str, max_tokens: int) -> str:
 def _forwards(backbone: Backbone, prompts: Sequence[str], batch_size: int):
     """One inference-mode forward per batch of prompts (left-padded): yields each batch's
     attention mask and hidden states (embeddings first, one per layer)."""
+    if not prompts:  # nothing to forward: the weights need not load
+        return
     # The decoder body only: the LM head's logits over the whole vocabulary at every
     # position (B × T × 49k floats for SmolLM2) are never needed on the device.
     tok, model = backbone.tokenizer, backbone.model.get_decoder()
@@ -87,6 +89,8 @@ def pivot_features(
     if shortcut not in SHORTCUTS:
         raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
     acts, finals, tokens = [], [], 0
+    if prompts:
+        backbone.load()  # not on the clock
     start = time.perf_counter()
     for mask, hidden in _forwards(backbone, prompts, batch_size):
         finals.append(hidden[-1][:, -1, :].float())
@@ -127,6 +131,8 @@ def sequence_features(
     """Run the frozen backbone once per prompt and keep every real token's state per selected
     layer (the "no shortcut" ablation)."""
     states, lengths, finals = [], [], []
+    if prompts:
+        backbone.load()  # not on the clock
     start = time.perf_counter()
     for mask, hidden in _forwards(backbone, prompts, batch_size):
         finals.append(hidden[-1][:, -1, :].float())

@@ -90,8 +90,9 @@ class ActivationStore:
         return sum(p.stat().st_size for p in self.root.glob("*/*.npz"))
 
     def enforce_cap(self) -> None:
-        """Evict the least recently written entries until the store fits its cap."""
-        entries = sorted(self.root.glob("*/*.npz"), key=lambda p: p.stat().st_mtime)
+        """Evict the least recently written prompts' entries until the store fits its cap (the
+        model's own arrays, a few kilobytes written first, stay)."""
+        entries = sorted(self.root.glob("??/*.npz"), key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in entries)
         for path in entries:
             if total <= self.max_bytes:
