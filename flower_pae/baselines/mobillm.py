@@ -40,7 +40,6 @@ Flower-agnostic: arrays cross as ``{name: numpy array}``; the ClientApp in
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from collections.abc import MutableMapping, Sequence
@@ -51,7 +50,6 @@ from torch import nn
 
 from flower_pae.backbone import Backbone, load_backbone, select_layers
 from flower_pae.data import Example, Task
-from flower_pae.device.cost import matmul_params
 from flower_pae.device.shortcut import build_prompt, label_rows
 from flower_pae.wire import encode_activations
 
@@ -384,10 +382,11 @@ class MobiLLMDevice(StatesDevice):
     def layers(self) -> list[int]:
         return self.data.layers
 
-    @functools.cached_property
+    @property
     def params(self) -> int:
-        """``P`` of the whole decoder body: the device's forward runs all of it."""
-        return matmul_params(self.backbone.model)
+        """``P`` of the whole decoder body: the device's forward runs all of it (counted once
+        per process, by the shared backbone)."""
+        return self.backbone.matmul_params
 
     def _prompts(self, task: Task, examples: Sequence[Example]) -> list[str]:
         return [build_prompt(self.backbone, task, ex.text, self.cfg.max_tokens) for ex in examples]
