@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -35,16 +37,17 @@ class BackboneError(RuntimeError):
 class Backbone:
     """A frozen causal LM with its tokenizer, in inference mode.
 
-    Built around a loaded ``model``, or around a ``path`` whose weights load on the first use
-    of :attr:`model` (or :meth:`load`): a device whose backbone outputs all come from the
-    activation store needs only the tokenizer and the config, and a Ray actor then starts
-    seconds sooner.
+    Built around a loaded ``model`` and ``tokenizer``, or around a ``path`` and the model's
+    ``config`` alone: the tokenizer then loads on the first use of :attr:`tokenizer`, and the
+    weights on the first use of :attr:`model` (or :meth:`load`). A device whose prompts and
+    backbone outputs all come from the activation store needs neither, so a Ray actor never
+    imports transformers (a second) nor loads the weights (seconds).
     """
 
     def __init__(
         self,
         name: str,
-        tokenizer: object,
+        tokenizer: object | None = None,
         model: torch.nn.Module | None = None,
         *,
         config: object | None = None,
@@ -52,12 +55,27 @@ class Backbone:
     ) -> None:
         if model is None and (path is None or config is None):
             raise ValueError("a Backbone needs a model, or the path and config to load one")
+        if tokenizer is None and path is None:
+            raise ValueError("a Backbone needs a tokenizer, or the path to load one")
         self.name = name
-        self.tokenizer = tokenizer
         self.config = config if config is not None else model.config
         self.path = path
+        self._tokenizer = tokenizer
         self._model = model
         self._lock = threading.Lock()
+
+    @property
+    def tokenizer(self) -> object:
+        """The tokenizer (left padding, a pad token), loaded (once) when first needed."""
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    self._tokenizer = _load_tokenizer(self.name, self.path, self.config)
+        return self._tokenizer
+
+    @property
+    def tokenizer_loaded(self) -> bool:
+        return self._tokenizer is not None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -159,36 +177,51 @@ def resolve_model_path(name: str) -> str:
 def load_backbone(name: str = DEFAULT_MODEL, weights: bool = True) -> Backbone:
     """Load (once per process) a frozen causal LM in float32 inference mode.
 
-    The tokenizer and the config load now, and the weights too unless ``weights=False``: then
-    when :attr:`Backbone.model` is first used (the PAE device, whose backbone outputs may all
-    come from the activation store). The config is read as a generic one: ``AutoConfig``
-    would import the model's own modules, about a second of transformers' imports that only
-    the weights need.
+    The config loads now, and the tokenizer and the weights too unless ``weights=False``: then
+    each on its first use (the PAE device, whose prompts and backbone outputs may all come
+    from the activation store).
     """
-    backbone = _tokenizer_and_config(name)
+    with _LOCK:
+        if name not in _LOADED:
+            path = resolve_model_path(name)
+            _LOADED[name] = Backbone(name, config=_read_config(name, path), path=path)
+        backbone = _LOADED[name]
     if weights:
+        backbone.tokenizer  # noqa: B018 (loads it)
         backbone.load()
     return backbone
 
 
-def _tokenizer_and_config(name: str) -> Backbone:
-    with _LOCK:
-        if name in _LOADED:
-            return _LOADED[name]
-        from transformers import AutoTokenizer, PretrainedConfig
+def _read_config(name: str, path: str) -> SimpleNamespace:
+    """The model's ``config.json`` as attributes. A local directory's is read as JSON:
+    transformers' own config classes would import its modules, about a second per process
+    that only the tokenizer and the weights need. A hub name asks transformers."""
+    try:
+        local = Path(path) / "config.json"
+        if local.is_file():
+            values = json.loads(local.read_text(encoding="utf-8"))
+        else:
+            from transformers import PretrainedConfig
 
-        path = resolve_model_path(name)
-        try:
-            config = PretrainedConfig.from_dict(PretrainedConfig.get_config_dict(path)[0])
-            tokenizer = AutoTokenizer.from_pretrained(path, config=config)
-        except OSError as err:
-            raise _load_error(name, err) from err
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"  # the pivot is then always the last position
-        backbone = Backbone(name, tokenizer, config=config, path=path)
-        _LOADED[name] = backbone
-        return backbone
+            values = PretrainedConfig.get_config_dict(path)[0]
+    except (OSError, ValueError) as err:
+        raise _load_error(name, err) from err
+    return SimpleNamespace(**values)
+
+
+def _load_tokenizer(name: str, path: str, config: object) -> object:
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    # Given a generic config, AutoTokenizer does not import the model's own modules.
+    generic = PretrainedConfig.from_dict(dict(vars(config)))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, config=generic)
+    except OSError as err:
+        raise _load_error(name, err) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # the pivot is then always the last position
+    return tokenizer
 
 
 def _load_model(name: str, path: str) -> torch.nn.Module:
@@ -203,7 +236,7 @@ def _load_model(name: str, path: str) -> torch.nn.Module:
     return model
 
 
-def _load_error(name: str, err: OSError) -> BackboneError:
+def _load_error(name: str, err: Exception) -> BackboneError:
     return BackboneError(
         f"Could not load backbone {name!r} ({err}). Give a local directory or a "
         f"Hugging Face name reachable from this machine, or use {DEFAULT_MODEL!r}."

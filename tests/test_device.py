@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -245,12 +249,13 @@ def _rebuilt(content):
     return LadderSideNetwork.from_state(*side_network_from_records(content))
 
 
-def test_a_device_whose_store_is_warm_never_loads_the_weights(
+def test_a_device_whose_store_is_warm_never_loads_the_backbone(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    """With every backbone output in the activation store, a device (in a new process: nothing
-    loaded, nothing cached) uploads and evaluates without loading the model's weights, and
-    sends and computes exactly what the device that filled the store did."""
+    """With every prompt and backbone output in the activation store, a device (in a new
+    process: nothing loaded, nothing cached) uploads and evaluates without loading the model's
+    tokenizer or weights, and sends and computes exactly what the device that filled the store
+    did. In a real new process, transformers is never imported."""
     import flower_pae.backbone as backbone_module
     import flower_pae.device.device as device_module
     from flower_pae.config import RunConfig
@@ -280,7 +285,7 @@ def test_a_device_whose_store_is_warm_never_loads_the_weights(
     cold_device, cold, cold_eval = run()
     assert cold_device.backbone.model_loaded and cold.num_samples == 4
     warm_device, warm, warm_eval = run()
-    assert not warm_device.backbone.model_loaded
+    assert not warm_device.backbone.model_loaded and not warm_device.backbone.tokenizer_loaded
     assert warm_eval == cold_eval
     assert (warm.task_key, warm.flops, warm.forward_seconds) == (
         cold.task_key,
@@ -291,6 +296,24 @@ def test_a_device_whose_store_is_warm_never_loads_the_weights(
     assert warm.arrays.keys() == cold.arrays.keys()
     for name, value in cold.arrays.items():
         assert np.array_equal(warm.arrays[name], value), name
+    code = (
+        "import sys, numpy as np\n"
+        "from flower_pae.config import RunConfig\n"
+        "from flower_pae.device.device import Device\n"
+        f"cfg = RunConfig(model={str(tiny_model_dir)!r}, stream='pypi:bbc', num_devices=2,"
+        " max_train=8, max_test=6)\n"
+        "np.save(sys.argv[1], Device(cfg, 1).upload(1, set()).arrays['targets'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "targets.npy")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "FLOWER_PAE_CACHE": str(tmp_path)},
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+    assert np.array_equal(np.load(tmp_path / "targets.npy"), cold.arrays["targets"])
     # the store is only a cache: without it, the device loads the weights and sends the same
     new_process()
     monkeypatch.setattr(cfg, "activation_store", False)
@@ -334,3 +357,24 @@ def test_a_config_without_the_generic_names_asks_the_models_own(monkeypatch):
     config = SimpleNamespace(n_layer=3, n_embd=8)
     backbone = backbone_module.Backbone("gpt2-like", None, config=config, path="unused")
     assert (backbone.num_layers, backbone.hidden_size) == (3, 8)
+
+
+def test_the_prompt_format_is_pinned_to_its_version(tiny_model_dir):
+    """The activation store keeps each text's prompt under ``PROMPT_FORMAT``: a change to what
+    ``build_prompt`` builds from the same input must come with a new ``PROMPT_FORMAT`` (then
+    update what this test expects), or warm stores would hand out prompts of the old format."""
+    from types import SimpleNamespace
+
+    from flower_pae.device.shortcut import PROMPT_FORMAT, build_prompt
+
+    backbone = load_backbone(str(tiny_model_dir), weights=False)
+    task = SimpleNamespace(question=lambda text: f"Classify.\nText: {text}")
+    texts = ["Short.", "A longer text, cut to eight tokens: its end never reaches the prompt."]
+    head = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nClassify.\nText: "
+    )
+    tail = "<|im_end|>\n<|im_start|>assistant\nAnswer:"
+    expected = [f"{head}Short.{tail}", f"{head}A longer text, cut to eight tokens{tail}"]
+    assert PROMPT_FORMAT == "1"
+    assert [build_prompt(backbone, task, text, 8) for text in texts] == expected

@@ -190,13 +190,14 @@ def test_pae_device_reports_the_forward_flops_of_its_new_samples(tiny_model_dir)
     from flower_pae.device.cost import matmul_params
     from flower_pae.device.device import Device
     from flower_pae.device.secret import CohortSecret
+    from flower_pae.device.shortcut import build_prompt
 
     cfg = RunConfig(model=str(tiny_model_dir), stream=STREAM, num_devices=2, max_train=8)
     device = Device(cfg, 0, CohortSecret.from_hex("ab" * 32))
     upload = device.upload(1, held=set())
     task = device.task(0)
     texts = [ex.text for ex in device._shard(0, "train")]
-    prompts = [device._prompts(task, [t])[0] for t in texts]
+    prompts = [build_prompt(device.backbone, task, t, cfg.max_tokens) for t in texts]
     tokens = sum(len(device.backbone.tokenizer(p).input_ids) for p in prompts)
     params = matmul_params(device.backbone.model)
     # the tiny model: 2 layers of q, k, v, o (64×64, 2× 32×64 for k/v) and a 64→128 MLP

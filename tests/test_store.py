@@ -96,3 +96,27 @@ def test_model_arrays_are_computed_once_and_kept_apart_from_the_prompts(tmp_path
         "tiny", [1], ["a prompt"], lambda p: (torch.ones(1, 1, 2), torch.ones(1, 2), 0.5)
     )
     assert len(store_entries(tmp_path / "store")) == 1
+
+
+def test_prompts_are_built_once_per_text_and_recipe_and_come_back_exactly(tmp_path):
+    """Each text's prompt and token count are kept apart from the activations; a new recipe
+    (another task's question, another cut, another prompt format) builds them again."""
+    from simulations.scale import store_entries
+
+    built = []
+
+    def build(texts):
+        built.extend(texts)
+        return [f"«{t}»\n\0Answer:\0" for t in texts], [len(t) for t in texts]
+
+    texts = ["naïve café", "b", ""]
+    store = ActivationStore(tmp_path)
+    first = store.prompts("tiny", "recipe 1", texts, build)
+    assert first == ([f"«{t}»\n\0Answer:\0" for t in texts], [10, 1, 0])
+    again = ActivationStore(tmp_path).prompts("tiny", "recipe 1", ["b", "new", *texts], build)
+    assert built == [*texts, "new"]
+    assert again == (["«b»\n\0Answer:\0", "«new»\n\0Answer:\0", *first[0]], [1, 3, *first[1]])
+    store.prompts("tiny", "recipe 2", ["b"], build)
+    store.prompts("other", "recipe 1", ["b"], build)
+    assert built == [*texts, "new", "b", "b"]
+    assert not store_entries(tmp_path) and store.stats.hits == store.stats.misses == 0

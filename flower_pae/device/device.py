@@ -30,6 +30,7 @@ from flower_pae.device.difference import (
 from flower_pae.device.noise import add_target_noise
 from flower_pae.device.secret import CohortSecret
 from flower_pae.device.shortcut import (
+    PROMPT_FORMAT,
     SequenceFeatures,
     build_prompt,
     label_rows,
@@ -104,13 +105,12 @@ def _label_rows(model: str, labels: tuple[str, ...], store: Path | None) -> torc
     """A task's LM-head label rows, once per process (every device a Ray actor serves shares
     them: at N = 1,000 almost every call is a device the actor has not met), and once per
     machine in the activation store under ``store``, if any."""
-    backbone = load_backbone(model, weights=False)
     if store is None:
-        return label_rows(backbone, labels)
+        return label_rows(load_backbone(model), labels)
     entry = ActivationStore(store).model_arrays(
         model,
         "label_rows\x1f" + "\x1f".join(labels),
-        lambda: {"rows": label_rows(backbone, labels).numpy()},
+        lambda: {"rows": label_rows(load_backbone(model), labels).numpy()},
     )
     return torch.from_numpy(entry["rows"])
 
@@ -118,11 +118,10 @@ def _label_rows(model: str, labels: tuple[str, ...], store: Path | None) -> torc
 @functools.lru_cache(maxsize=8)
 def _matmul_params(model: str, store: Path | None) -> int:
     """``P`` of the FLOPs estimates, once per process, and once per machine in the store."""
-    backbone = load_backbone(model, weights=False)
     if store is None:
-        return backbone.matmul_params
+        return load_backbone(model).matmul_params
     entry = ActivationStore(store).model_arrays(
-        model, "matmul_params", lambda: {"params": np.int64(backbone.matmul_params)}
+        model, "matmul_params", lambda: {"params": np.int64(load_backbone(model).matmul_params)}
     )
     return int(entry["params"])
 
@@ -171,7 +170,8 @@ class Device:
 
     @functools.cached_property
     def backbone(self) -> Backbone:
-        """The frozen backbone; its weights load only when a forward needs them."""
+        """The frozen backbone; its tokenizer and weights load only when a prompt or a forward
+        needs them (neither does with a warm activation store)."""
         return load_backbone(self.cfg.model, weights=False)
 
     @functools.cached_property
@@ -198,8 +198,18 @@ class Device:
         return [rows[i] for i in _shards(self.specs[index], key, split)[self.partition_id]]
 
     # ---- backbone outputs ----------------------------------------------------------------
-    def _prompts(self, task: Task, texts: list[str]) -> list[str]:
-        return [build_prompt(self.backbone, task, t, self.cfg.max_tokens) for t in texts]
+    def _prompts(self, task: Task, texts: list[str]) -> tuple[list[str], list[int]]:
+        """Each text's prompt (:func:`build_prompt`) and its token count, from the store
+        when it holds them."""
+
+        def compute(batch: list[str]) -> tuple[list[str], list[int]]:
+            prompts = [build_prompt(self.backbone, task, t, self.cfg.max_tokens) for t in batch]
+            return prompts, [len(ids) for ids in self.backbone.tokenizer(prompts).input_ids]
+
+        if self.store is None or not texts:
+            return compute(texts)
+        recipe = "\x1f".join([PROMPT_FORMAT, str(self.cfg.max_tokens), task.question("\0")])
+        return self.store.prompts(self.cfg.model, recipe, texts, compute)
 
     @functools.cached_property
     def store(self) -> ActivationStore | None:
@@ -219,7 +229,7 @@ class Device:
 
     def features(self, task: Task, texts: list[str]) -> Features:
         """Pivot activations, label logits and forward time of the frozen backbone."""
-        return self.prompt_features(task, self._prompts(task, texts))
+        return self.prompt_features(task, self._prompts(task, texts)[0])
 
     def prompt_features(self, task: Task, prompts: list[str]) -> Features:
         """:meth:`features` of prompts already built (:meth:`_prompts`)."""
@@ -331,7 +341,7 @@ class Device:
             if self.cfg.upload_sequence:
                 arrays["lengths"] = np.zeros(0, np.int64)
             return Upload(self.task_key(index), arrays, 0.0, refresh)
-        prompts = self._prompts(task, [ex.text for _, ex in new])
+        prompts, tokens = self._prompts(task, [ex.text for _, ex in new])
         labels = torch.tensor([ex.label for _, ex in new])
         if self.cfg.upload_sequence:  # the "no shortcut" ablation: every token's states
             feats, sequences = self.sequence_features(task, prompts)
@@ -344,16 +354,10 @@ class Device:
             ids=ids_to_array([i for i, _ in new]),
             targets=self._differences(feats, labels, None, new[0][0], basis),
         )
-        upload = Upload(
-            self.task_key(index), arrays, feats.seconds, refresh, self.forward_flops(prompts)
-        )
+        flops = forward_flops(_matmul_params(self.cfg.model, self._store_root), sum(tokens))
+        upload = Upload(self.task_key(index), arrays, feats.seconds, refresh, flops)
         upload.basis = basis.float().numpy()
         return upload
-
-    def forward_flops(self, prompts: list[str]) -> float:
-        """FLOPs estimate of the backbone forward over ``prompts`` (padding excluded)."""
-        tokens = sum(len(ids) for ids in self.backbone.tokenizer(prompts).input_ids)
-        return forward_flops(_matmul_params(self.cfg.model, self._store_root), tokens)
 
     # ---- local evaluation ----------------------------------------------------------------
     def test_features(self, index: int, store: dict | None = None) -> dict[str, torch.Tensor]:

@@ -38,12 +38,18 @@ def truncate_text(backbone: Backbone, text: str, max_tokens: int) -> str:
     return backbone.tokenizer.decode(ids[:max_tokens])
 
 
+# The activation store keeps each text's prompt under a key that names this version: change
+# it whenever build_prompt (or truncate_text) would build another prompt from the same input.
+PROMPT_FORMAT = "1"
+
+
 def build_prompt(backbone: Backbone, task, text: str, max_tokens: int) -> str:
     """The device's prompt for a sample: its pivot (last token) is where the label word goes.
 
     Instruction-tuned backbones get their own chat format (the question as the user's turn,
     then ``Answer:`` opening the assistant's); others get the plain prompt. Measured on
     agnews with SmolLM2-135M-Instruct: zero-shot 58% with the chat format, 24% without.
+    Changing what it builds needs a new :data:`PROMPT_FORMAT`.
     """
     question = task.question(truncate_text(backbone, text, max_tokens))
     tok = backbone.tokenizer

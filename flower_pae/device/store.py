@@ -5,7 +5,8 @@ seed over the same tasks). The store computes them once per machine: the key is 
 (model, layers, prompt), the value the pivot activations, the final hidden state and the
 measured forward time, so the device time the protocol would have spent is still accounted.
 Entries live under the first two hex digits of their key; the few arrays that depend on the
-model alone (:meth:`ActivationStore.model_arrays`) under ``model/``. Writers in several Ray
+model alone (:meth:`ActivationStore.model_arrays`) under ``model/``, and the prompts built from
+each text (:meth:`ActivationStore.prompts`) under ``prompts/``. Writers in several Ray
 actors are safe: each entry is written to a temporary file and renamed into place, so a
 reader sees a whole entry or none.
 """
@@ -46,8 +47,7 @@ class ActivationStore:
         parts = [model, ",".join(map(str, layers)), prompt]
         if shortcut != "pivot":  # the pivot's keys predate the other shortcuts: keep them
             parts.append(shortcut)
-        text = "\x1f".join(parts)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return _digest(parts)
 
     def _path(self, key: str, folder: str | None = None) -> Path:
         return self.root / (folder or key[:2]) / f"{key}.npz"
@@ -79,12 +79,40 @@ class ActivationStore:
         """Arrays that depend on the model alone (its label words' LM-head rows, its size),
         computed once per machine like the activations, so that a device whose activations
         all come from the store never loads the weights. Not counted in :attr:`stats`."""
-        key = hashlib.sha256("\x1f".join([model, name]).encode("utf-8")).hexdigest()
+        key = _digest([model, name])
         entry = self.get(key, "model")
         if entry is None:
             entry = compute()
             self.put(key, entry, "model")
         return entry
+
+    def prompts(
+        self,
+        model: str,
+        recipe: str,
+        texts: Sequence[str],
+        compute: Callable[[list[str]], tuple[list[str], list[int]]],
+    ) -> tuple[list[str], list[int]]:
+        """Each text's prompt and the prompt's token count; only misses are computed.
+
+        The prompts key the activations, and building one needs the tokenizer (to cut the
+        text, to apply the chat template): kept here, a device whose prompts and activations
+        all come from the store never imports transformers. ``recipe`` must name everything
+        a prompt depends on besides the model and the text (the task's question, the cut,
+        the prompt format's version). Not counted in :attr:`stats`.
+        """
+        keys = [_digest([model, "prompt", recipe, text]) for text in texts]
+        found = [self.get(key, "prompts") for key in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if missing:
+            prompts, tokens = compute([texts[i] for i in missing])
+            for i, prompt, count in zip(missing, prompts, tokens, strict=True):
+                # UTF-8 bytes: numpy's own strings would drop a trailing NUL
+                entry = {"prompt": np.frombuffer(prompt.encode(), np.uint8), "tokens": count}
+                self.put(keys[i], {k: np.asarray(v) for k, v in entry.items()}, "prompts")
+                found[i] = entry
+        prompts = [entry["prompt"].tobytes().decode() for entry in found]
+        return prompts, [int(entry["tokens"]) for entry in found]
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*/*.npz"))
@@ -136,3 +164,7 @@ class ActivationStore:
         acts = torch.from_numpy(np.stack([e["acts"] for e in found]))
         final = torch.from_numpy(np.stack([e["final"] for e in found]))
         return acts, final, float(sum(float(e["seconds"]) for e in found))
+
+
+def _digest(parts: Sequence[str]) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
