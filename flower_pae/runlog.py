@@ -21,6 +21,7 @@ import pandas as pd
 from flwr.app import Message
 from flwr.common.serde import message_to_proto
 
+from flower_pae.server.checkpoint import CheckpointError
 from flower_pae.wire import message_bytes
 
 MESSAGE_COLUMNS = [
@@ -35,6 +36,7 @@ MESSAGE_COLUMNS = [
     "created_at",
 ]
 METRIC_COLUMNS = ["round", "task", "node_id", "metric", "value"]
+_JOURNAL = "recorder-{}.jsonl"
 _PACKAGES = ("flower-pae", "flwr", "torch", "transformers", "peft", "ray", "pandas", "numpy")
 
 
@@ -64,6 +66,7 @@ class RunRecorder:
         self.record_wire = record_wire
         self._messages: list[dict[str, Any]] = []
         self._metrics: list[dict[str, Any]] = []
+        self._journaled: dict[str, int] = {}  # rows already in the checkpoint's journals
         payload = {"settings": config, "seed": config.get("seed"), "versions": versions()}
         path = self.out_dir / "config.json"
         if resume and path.is_file():
@@ -76,13 +79,45 @@ class RunRecorder:
         path.write_text(json.dumps(payload, indent=2))
 
     def state(self) -> dict[str, list[dict[str, Any]]]:
-        """Every row recorded so far (JSON-able), for a checkpoint."""
+        """Every row recorded so far (JSON-able)."""
         return {"messages": list(self._messages), "metrics": list(self._metrics)}
 
-    def restore(self, state: dict[str, list[dict[str, Any]]]) -> None:
-        """Continue from :meth:`state`: later rows are appended after these."""
-        self._messages = [dict(row) for row in state["messages"]]
-        self._metrics = [dict(row) for row in state["metrics"]]
+    def checkpoint(self, directory: Path) -> dict[str, int]:
+        """Append the rows recorded since the last checkpoint to ``directory``'s journals
+        (``recorder-messages.jsonl``, ``recorder-metrics.jsonl``, one JSON row per line) and
+        return how many rows each holds now, for the checkpoint's state.
+
+        Writing every row again at every checkpoint made a checkpoint's cost grow with the
+        rounds (and a run's with their square). A journal may hold more rows than the
+        committed state says (the run was killed between the two): :meth:`restore` drops them.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        counts = {}
+        for name, rows in (("messages", self._messages), ("metrics", self._metrics)):
+            done = self._journaled.get(name)
+            mode = "w" if done is None else "a"  # a fresh run starts its journals anew
+            with open(directory / _JOURNAL.format(name), mode, encoding="utf-8") as fh:
+                fh.writelines(json.dumps(row) + "\n" for row in rows[done or 0 :])
+            counts[name] = len(rows)
+        self._journaled = counts
+        return counts
+
+    def restore(self, state: dict[str, Any], directory: Path | None = None) -> None:
+        """Continue from a checkpoint: its rows (:meth:`checkpoint`'s counts, read from the
+        journals in ``directory``, or the rows themselves, as checkpoints before the journals
+        held them); later rows are appended after these."""
+        if isinstance(state.get("messages"), list):
+            self._messages = [dict(row) for row in state["messages"]]
+            self._metrics = [dict(row) for row in state["metrics"]]
+            return
+        if directory is None:
+            raise ValueError("a checkpoint's row counts need the directory of its journals")
+        for name in ("messages", "metrics"):
+            rows = _read_journal(Path(directory) / _JOURNAL.format(name), int(state[name]))
+            setattr(self, f"_{name}", rows)
+        self._journaled = {}
+        self.checkpoint(directory)  # rewrites the journals without rows past the counts
 
     def message(
         self,
@@ -154,6 +189,22 @@ class RunRecorder:
         self.metrics_frame().to_parquet(self.out_dir / "metrics.parquet", index=False)
         text = json.dumps(_finite(summary), indent=2, default=float, allow_nan=False)
         (self.out_dir / "summary.json").write_text(text)
+
+
+def _read_journal(path: Path, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` rows of a journal."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if len(rows) == count:
+                    break
+                rows.append(json.loads(line))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint journal {path} cannot be read: {err}") from err
+    if len(rows) < count:
+        raise CheckpointError(f"checkpoint journal {path} holds {len(rows)} rows, not {count}")
+    return rows
 
 
 def _finite(value: Any) -> Any:

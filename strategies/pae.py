@@ -997,9 +997,10 @@ class PAEStrategy(Strategy):
         """The server's whole state after :attr:`completed_rounds`: ``(JSON-able, tensors)``.
 
         The side network (meta and weights: task subspaces, frozen flags, gates), the task
-        log, the ids each device is known to hold, accuracies, rejected replies, the device
-        sampling generator, the trainer (optimizers and shuffling generator), the run's
-        recorded rows and the cache index (its blocks are written by the cache itself).
+        log and the tasks' label bases, the ids each device is known to hold, accuracies,
+        rejected replies, the device sampling generator, the trainer (optimizers and shuffling
+        generator) and the run's recorded rows. :meth:`save_checkpoint` adds the cache's
+        index and keeps the recorded rows in journals (both write their own files).
         """
         version, internal, gauss = self.rng.getstate()
         state = {
@@ -1010,7 +1011,6 @@ class PAEStrategy(Strategy):
             "tasks": [[t.key, t.first_round, t.last_round] for t in self.tasks.values()],
             "held": {str(node): sorted(i.hex() for i in ids) for node, ids in self.held.items()},
             "uploader": {i.hex(): node for i, node in self.uploader.items()},
-            "bases": {key: basis.tolist() for key, basis in self.bases.items()},
             "rejected": self.rejected,
             "accuracy": _str_keys(self.accuracy),
             "upcoming": _str_keys(self.upcoming),
@@ -1022,21 +1022,23 @@ class PAEStrategy(Strategy):
         tensors = {
             "net": self.net.state_dict() if self.net is not None else {},
             "trainer": self.trainer.state_dict() if self.trainer is not None else None,
+            "bases": {key: torch.tensor(basis) for key, basis in self.bases.items()},
         }
         return state, tensors
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the state after :attr:`completed_rounds` into ``checkpoint_dir``.
 
-        The cache's new blocks are written first, then ``state.pt`` replaces the previous one
-        atomically, then superseded block files go: a run killed at any point leaves one whole
-        checkpoint behind.
+        The cache's new blocks and the recorder's new rows are written first, then
+        ``state.pt`` replaces the previous one atomically, then superseded block files go: a
+        run killed at any point leaves one whole checkpoint behind.
         """
         if self.checkpoint_dir is None:
             raise CheckpointError("this strategy has no checkpoint_dir")
         start = time.perf_counter()
         state, tensors = self.state()
         state["cache"] = self.cache.checkpoint(self.checkpoint_dir)
+        state["recorder"] = self.recorder.checkpoint(self.checkpoint_dir)
         path = save_state(self.checkpoint_dir, state, tensors)
         self.cache.prune_checkpoint(self.checkpoint_dir)
         log.info(
@@ -1071,7 +1073,10 @@ class PAEStrategy(Strategy):
         for node, ids in state["held"].items():
             self.held[int(node)] = {bytes.fromhex(i) for i in ids}
         self.uploader = {bytes.fromhex(i): int(node) for i, node in state["uploader"].items()}
-        self.bases = {k: np.asarray(b, np.float32) for k, b in state["bases"].items()}
+        if "bases" in tensors:
+            self.bases = {k: b.numpy() for k, b in tensors["bases"].items()}
+        else:  # a checkpoint that kept them in its JSON state
+            self.bases = {k: np.asarray(b, np.float32) for k, b in state["bases"].items()}
         self.rejected = list(state["rejected"])
         self.accuracy = _int_keys(state["accuracy"])
         self.upcoming = _int_keys(state["upcoming"])
@@ -1079,7 +1084,7 @@ class PAEStrategy(Strategy):
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self._nodes = state["nodes"]
-        self.recorder.restore(state["recorder"])
+        self.recorder.restore(state["recorder"], self.checkpoint_dir)
         self.completed_rounds = int(state["round"])
         self._pending = state.get("pending")
         log.info("resumed from %s after round %d", self.checkpoint_dir, self.completed_rounds)

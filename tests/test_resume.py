@@ -132,9 +132,10 @@ def test_a_resumed_strategy_continues_exactly(tmp_path, refresh_step, stop):
     for state in (expected, got):
         state["recorder"]["metrics"] = _without_timing(state["recorder"]["metrics"])
     assert got == expected
-    assert got_tensors["net"].keys() == expected_tensors["net"].keys()
-    for name, value in expected_tensors["net"].items():
-        torch.testing.assert_close(got_tensors["net"][name], value, rtol=0, atol=0)
+    for part in ("net", "bases"):
+        assert got_tensors[part].keys() == expected_tensors[part].keys()
+        for name, value in expected_tensors[part].items():
+            torch.testing.assert_close(got_tensors[part][name], value, rtol=0, atol=0)
     # the trainer continues the same optimisation: same optimizer moments and generator
     torch.testing.assert_close(
         got_tensors["trainer"]["generator"], expected_tensors["trainer"]["generator"]
@@ -156,6 +157,42 @@ def test_a_resumed_strategy_continues_exactly(tmp_path, refresh_step, stop):
             assert torch.equal(a, b)
     assert resumed.cache.stats.as_dict() == full.cache.stats.as_dict()
     assert _text(resumed.final_summary(ROUNDS)) == _text(full.final_summary(ROUNDS))
+
+
+def test_a_checkpoint_writes_only_the_rows_recorded_since_the_last(tmp_path):
+    """The recorded rows go to append-only journals: ``state.pt`` holds their counts, so a
+    checkpoint's size stays flat over the rounds. Rows a killed run journaled after its last
+    committed ``state.pt`` are dropped on resume, and a checkpoint that held the rows in its
+    state (before the journals) still resumes."""
+    directory = tmp_path / "checkpoint"
+    recorder = RunRecorder(tmp_path, {})
+    sizes = []
+    for server_round in range(1, 6):
+        for k in range(100):
+            recorder.metric(server_round, f"metric-{k}", k / 3, task="t")
+        state = {"recorder": recorder.checkpoint(directory)}
+        sizes.append(len(json.dumps(state)))
+    assert len(set(sizes)) == 1 and state["recorder"] == {"messages": 0, "metrics": 500}
+    journal = directory / "recorder-metrics.jsonl"
+    assert len(journal.read_text().splitlines()) == 500
+    # killed after journaling round 6 but before committing its state: resume from round 5
+    recorder.metric(6, "late", 1.0)
+    recorder.checkpoint(directory)
+    resumed = RunRecorder(tmp_path, {}, resume=True)
+    resumed.restore(state["recorder"], directory)
+    assert resumed.state() == {"messages": [], "metrics": recorder.state()["metrics"][:500]}
+    assert len(journal.read_text().splitlines()) == 500
+    resumed.metric(6, "again", 2.0)
+    assert resumed.checkpoint(directory)["metrics"] == 501
+    assert json.loads(journal.read_text().splitlines()[-1])["metric"] == "again"
+    # a checkpoint whose state held the rows themselves
+    old = RunRecorder(tmp_path, {}, resume=True)
+    old.restore(recorder.state())
+    assert old.state() == recorder.state()
+    # a journal shorter than its state says is a damaged checkpoint
+    journal.write_text("")
+    with pytest.raises(CheckpointError, match="holds 0 rows, not 500"):
+        RunRecorder(tmp_path, {}, resume=True).restore(state["recorder"], directory)
 
 
 def test_checkpoint_files_are_pruned_and_resume_needs_a_checkpoint(tmp_path):

@@ -1,10 +1,10 @@
 """One file per checkpoint of the server's state, replaced atomically.
 
 A checkpoint directory holds ``state.pt`` (the JSON-able state as a JSON string plus tensors:
-side-network weights, optimizer and generator states) and whatever large arrays the state's
-owner writes next to it (the activation cache's blocks). ``state.pt`` is written to a
-temporary file and renamed into place, so a run killed while checkpointing leaves the previous
-checkpoint whole; it is read with ``torch.load(weights_only=True)`` (no pickled code).
+side-network weights, optimizer and generator states) and whatever the state's owner writes
+next to it (the activation cache's blocks, the run recorder's journals). ``state.pt`` is
+written to a temporary file and renamed into place, so a run killed while checkpointing leaves
+the previous checkpoint whole; it is read with ``torch.load(weights_only=True)`` (no pickled code).
 
 The tensors are packed, one flat buffer per dtype, and each is replaced by a short tuple (its
 dtype, offset and shape): ``torch.save`` pickles and writes each tensor as a record of its
