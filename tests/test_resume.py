@@ -195,6 +195,29 @@ def test_a_checkpoint_writes_only_the_rows_recorded_since_the_last(tmp_path):
         RunRecorder(tmp_path, {}, resume=True).restore(state["recorder"], directory)
 
 
+def test_a_checkpoint_of_the_earlier_layout_still_resumes(tmp_path):
+    """Checkpoints written before the journals held every recorded row, and the label bases,
+    in their JSON state: such a checkpoint resumes into the same state."""
+    from flower_pae.server.checkpoint import save_state
+
+    strategy = _strategy(tmp_path / "run", 0.0)
+    _drive(strategy, range(1, 3), 0.0)
+    directory = tmp_path / "run" / "checkpoint"
+    state, tensors = load_state(directory)
+    expected, expected_tensors = strategy.state()
+    state["recorder"] = expected["recorder"]
+    state["bases"] = {k: b.tolist() for k, b in tensors.pop("bases").items()}
+    save_state(directory, state, tensors)
+    for journal in directory.glob("recorder-*.jsonl"):
+        journal.unlink()
+    resumed = _strategy(tmp_path / "run", 0.0)
+    assert resumed.resume() == 2
+    got, got_tensors = resumed.state()
+    assert got == expected and got_tensors["bases"].keys() == expected_tensors["bases"].keys()
+    for key, basis in expected_tensors["bases"].items():
+        assert torch.equal(got_tensors["bases"][key], basis)
+
+
 def test_checkpoint_files_are_pruned_and_resume_needs_a_checkpoint(tmp_path):
     strategy = _strategy(tmp_path / "run", 4.0)
     _drive(strategy, range(1, 4), 4.0)
