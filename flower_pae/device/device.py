@@ -206,7 +206,9 @@ class Device:
             prompts = [build_prompt(self.backbone, task, t, self.cfg.max_tokens) for t in batch]
             return prompts, [len(ids) for ids in self.backbone.tokenizer(prompts).input_ids]
 
-        if self.store is None or not texts:
+        if not texts:  # a device with no rows of a split: no tokenizer needed
+            return [], []
+        if self.store is None:
             return compute(texts)
         recipe = "\x1f".join([PROMPT_FORMAT, str(self.cfg.max_tokens), task.question("\0")])
         return self.store.prompts(self.cfg.model, recipe, texts, compute)
