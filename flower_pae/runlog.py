@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -93,15 +94,13 @@ class RunRecorder:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        counts = {}
         for name, rows in (("messages", self._messages), ("metrics", self._metrics)):
             done = self._journaled.get(name)
             mode = "w" if done is None else "a"  # a fresh run starts its journals anew
             with open(directory / _JOURNAL.format(name), mode, encoding="utf-8") as fh:
                 fh.writelines(json.dumps(row) + "\n" for row in rows[done or 0 :])
-            counts[name] = len(rows)
-        self._journaled = counts
-        return counts
+            self._journaled[name] = len(rows)
+        return dict(self._journaled)
 
     def restore(self, state: dict[str, Any], directory: Path | None = None) -> None:
         """Continue from a checkpoint: its rows (:meth:`checkpoint`'s counts, read from the
@@ -114,10 +113,14 @@ class RunRecorder:
         if directory is None:
             raise ValueError("a checkpoint's row counts need the directory of its journals")
         for name in ("messages", "metrics"):
-            rows = _read_journal(Path(directory) / _JOURNAL.format(name), int(state[name]))
+            path = Path(directory) / _JOURNAL.format(name)
+            rows, end = _read_journal(path, int(state[name]))
+            # rows past the counts were never committed: cut them off in place (never
+            # rewrite the committed rows, so a run killed now still leaves them whole)
+            if path.stat().st_size > end:
+                os.truncate(path, end)
             setattr(self, f"_{name}", rows)
-        self._journaled = {}
-        self.checkpoint(directory)  # rewrites the journals without rows past the counts
+            self._journaled[name] = len(rows)
 
     def message(
         self,
@@ -191,20 +194,23 @@ class RunRecorder:
         (self.out_dir / "summary.json").write_text(text)
 
 
-def _read_journal(path: Path, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` rows of a journal."""
-    rows = []
+def _read_journal(path: Path, count: int) -> tuple[list[dict[str, Any]], int]:
+    """The first ``count`` rows of a journal, and the byte offset where they end."""
+    rows, end = [], 0
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, "rb") as fh:
             for line in fh:
                 if len(rows) == count:
                     break
+                if not line.endswith(b"\n"):  # a row cut short by a kill
+                    break
                 rows.append(json.loads(line))
+                end += len(line)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint journal {path} cannot be read: {err}") from err
     if len(rows) < count:
         raise CheckpointError(f"checkpoint journal {path} holds {len(rows)} rows, not {count}")
-    return rows
+    return rows, end
 
 
 def _finite(value: Any) -> Any:

@@ -262,8 +262,9 @@ def test_a_device_whose_store_is_warm_never_loads_the_backbone(
     from flower_pae.side_network import LadderSideNetwork
 
     monkeypatch.setenv("FLOWER_PAE_CACHE", str(tmp_path))
+    stream = "pypi:bbc,pypi:rotten_tomatoes"  # evaluation reads the next task's rows too
     cfg = RunConfig(
-        model=str(tiny_model_dir), stream="pypi:bbc", num_devices=2, max_train=8, max_test=6
+        model=str(tiny_model_dir), stream=stream, num_devices=2, max_train=8, max_test=6
     )
 
     def new_process() -> None:
@@ -280,11 +281,11 @@ def test_a_device_whose_store_is_warm_never_loads_the_backbone(
         with torch.no_grad():
             for p in net.parameters():
                 p.normal_(generator=torch.Generator().manual_seed(p.numel()))
-        return device, upload, device.evaluate(1, net)
+        return device, upload, device.evaluate(1, net), net
 
-    cold_device, cold, cold_eval = run()
+    cold_device, cold, cold_eval, net = run()
     assert cold_device.backbone.model_loaded and cold.num_samples == 4
-    warm_device, warm, warm_eval = run()
+    warm_device, warm, warm_eval, _ = run()
     assert not warm_device.backbone.model_loaded and not warm_device.backbone.tokenizer_loaded
     assert warm_eval == cold_eval
     assert (warm.task_key, warm.flops, warm.forward_seconds) == (
@@ -296,23 +297,31 @@ def test_a_device_whose_store_is_warm_never_loads_the_backbone(
     assert warm.arrays.keys() == cold.arrays.keys()
     for name, value in cold.arrays.items():
         assert np.array_equal(warm.arrays[name], value), name
+    torch.save(net.state_dict(), tmp_path / "net.pt")
     code = (
-        "import sys, numpy as np\n"
+        "import sys, numpy as np, torch\n"
         "from flower_pae.config import RunConfig\n"
         "from flower_pae.device.device import Device\n"
-        f"cfg = RunConfig(model={str(tiny_model_dir)!r}, stream='pypi:bbc', num_devices=2,"
+        "from flower_pae.side_network import LadderSideNetwork\n"
+        f"cfg = RunConfig(model={str(tiny_model_dir)!r}, stream={stream!r}, num_devices=2,"
         " max_train=8, max_test=6)\n"
-        "np.save(sys.argv[1], Device(cfg, 1).upload(1, set()).arrays['targets'])\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
+        "device = Device(cfg, 1)\n"
+        "np.save(sys.argv[1], device.upload(1, set()).arrays['targets'])\n"
+        "net = LadderSideNetwork(device.backbone.num_layers, device.backbone.hidden_size)\n"
+        f"net.add_task({warm.task_key!r})\n"
+        "net.load_state_dict(torch.load(sys.argv[2]))\n"
+        "print(repr(device.evaluate(1, net)))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'pandas'}))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "targets.npy")],
+        [sys.executable, "-c", code, str(tmp_path / "targets.npy"), str(tmp_path / "net.pt")],
         capture_output=True,
         text=True,
         check=True,
         env={**os.environ, "FLOWER_PAE_CACHE": str(tmp_path)},
     )
-    assert out.stdout.strip() == "[]", out.stdout
+    evaluation, modules = out.stdout.strip().splitlines()[-2:]
+    assert modules == "[]" and evaluation == repr(cold_eval), out.stdout
     assert np.array_equal(np.load(tmp_path / "targets.npy"), cold.arrays["targets"])
     # the store is only a cache: without it, the device loads the weights and sends the same
     new_process()
@@ -343,6 +352,31 @@ def test_the_weights_load_off_the_clock_and_only_for_a_forward(tiny_model_dir, m
     assert not backbone.model_loaded
     feats = pivot_features(backbone, PROMPTS, layers)
     assert backbone.model_loaded and feats.seconds < 1.0
+
+
+def test_the_prompts_are_keyed_by_the_tokenizers_files(tiny_model_dir, tmp_path, monkeypatch):
+    """Another tokenizer (here another chat template) at the same model path changes the
+    fingerprint the store keys prompts by; a hub name has none (its prompts are not kept);
+    a config that is no JSON object is a clear error."""
+    import shutil
+
+    import flower_pae.backbone as backbone_module
+
+    monkeypatch.setattr(backbone_module, "_LOADED", {})
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = load_backbone(str(model), weights=False).tokenizer_fingerprint
+    config = model / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("<|im_start|>", "<|im_start|> "))
+    monkeypatch.setattr(backbone_module, "_LOADED", {})
+    after = load_backbone(str(model), weights=False).tokenizer_fingerprint
+    assert before and after and before != after
+    hub = backbone_module.Backbone("org/name", config=object(), path="org/name")
+    assert hub.tokenizer_fingerprint is None
+    (model / "config.json").write_text("[1]")
+    monkeypatch.setattr(backbone_module, "_LOADED", {})
+    with pytest.raises(backbone_module.BackboneError, match="no JSON object"):
+        load_backbone(str(model), weights=False)
 
 
 def test_a_config_without_the_generic_names_asks_the_models_own(monkeypatch):

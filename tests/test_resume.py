@@ -175,9 +175,12 @@ def test_a_checkpoint_writes_only_the_rows_recorded_since_the_last(tmp_path):
     assert len(set(sizes)) == 1 and state["recorder"] == {"messages": 0, "metrics": 500}
     journal = directory / "recorder-metrics.jsonl"
     assert len(journal.read_text().splitlines()) == 500
-    # killed after journaling round 6 but before committing its state: resume from round 5
+    # killed after journaling round 6 but before committing its state, then while journaling
+    # round 7 (a row cut short): resume from round 5
     recorder.metric(6, "late", 1.0)
     recorder.checkpoint(directory)
+    with open(journal, "a") as fh:
+        fh.write('{"round": 7, "met')
     resumed = RunRecorder(tmp_path, {}, resume=True)
     resumed.restore(state["recorder"], directory)
     assert resumed.state() == {"messages": [], "metrics": recorder.state()["metrics"][:500]}

@@ -120,3 +120,8 @@ def test_prompts_are_built_once_per_text_and_recipe_and_come_back_exactly(tmp_pa
     store.prompts("other", "recipe 1", ["b"], build)
     assert built == [*texts, "new", "b", "b"]
     assert not store_entries(tmp_path) and store.stats.hits == store.stats.misses == 0
+    # under the store's cap like the activations
+    ActivationStore(tmp_path, max_bytes=0).enforce_cap()
+    assert not list((tmp_path / "prompts").glob("*.npz"))
+    store.prompts("tiny", "recipe 1", ["b"], build)
+    assert built[-1] == "b" and len(built) == 7

@@ -208,10 +208,11 @@ class Device:
 
         if not texts:  # a device with no rows of a split: no tokenizer needed
             return [], []
-        if self.store is None:
+        fingerprint = self.backbone.tokenizer_fingerprint
+        if self.store is None or fingerprint is None:
             return compute(texts)
-        recipe = "\x1f".join([PROMPT_FORMAT, str(self.cfg.max_tokens), task.question("\0")])
-        return self.store.prompts(self.cfg.model, recipe, texts, compute)
+        recipe = [PROMPT_FORMAT, fingerprint, str(self.cfg.max_tokens), task.question("\0")]
+        return self.store.prompts(self.cfg.model, "\x1f".join(recipe), texts, compute)
 
     @functools.cached_property
     def store(self) -> ActivationStore | None:

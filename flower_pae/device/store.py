@@ -98,8 +98,9 @@ class ActivationStore:
         The prompts key the activations, and building one needs the tokenizer (to cut the
         text, to apply the chat template): kept here, a device whose prompts and activations
         all come from the store never imports transformers. ``recipe`` must name everything
-        a prompt depends on besides the model and the text (the task's question, the cut,
-        the prompt format's version). Not counted in :attr:`stats`.
+        a prompt depends on besides the model and the text (the tokenizer's files and version,
+        the task's question, the cut, the prompt format's version). Under the store's cap
+        with the activations; not counted in :attr:`stats`.
         """
         keys = [_digest([model, "prompt", recipe, text]) for text in texts]
         found = [self.get(key, "prompts") for key in keys]
@@ -118,9 +119,10 @@ class ActivationStore:
         return sum(p.stat().st_size for p in self.root.glob("*/*.npz"))
 
     def enforce_cap(self) -> None:
-        """Evict the least recently written prompts' entries until the store fits its cap (the
-        model's own arrays, a few kilobytes written first, stay)."""
-        entries = sorted(self.root.glob("??/*.npz"), key=lambda p: p.stat().st_mtime)
+        """Evict the least recently written entries (activations and prompts) until the store
+        fits its cap (the model's own arrays, a few kilobytes written first, stay)."""
+        entries = [*self.root.glob("??/*.npz"), *self.root.glob("prompts/*.npz")]
+        entries.sort(key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in entries)
         for path in entries:
             if total <= self.max_bytes:
