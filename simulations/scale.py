@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_pae.config import ConfigError, RunConfig
 from flower_pae.data import resolve_stream
+from flower_pae.device.store import activation_files
 from flower_pae.runlog import RunRecorder
 from flower_pae.server.cache import ActivationCache
 from flower_pae.wire import CONFIG, METRICS
@@ -336,11 +337,9 @@ def seeded_flower_ids(seed: int) -> Iterator[None]:
 
 
 def store_entries(root: Path) -> set[str]:
-    """Names of the activation store's entries (``<key>.npz``) under ``root``: one per
-    prompt, not the model's own arrays (under ``model/``)."""
-    if not root.is_dir():
-        return set()
-    return {p.name for p in root.glob("??/*.npz")}
+    """Names of the activation store's entries (``<key>.npz``) under ``root``: the forwards
+    it holds (:func:`~flower_pae.device.store.activation_files`)."""
+    return {p.name for p in activation_files(root)}
 
 
 def store_seconds(root: Path, names: Iterable[str]) -> float:

@@ -109,8 +109,11 @@ class ActivationStore:
             prompts, tokens = compute([texts[i] for i in missing])
             for i, prompt, count in zip(missing, prompts, tokens, strict=True):
                 # UTF-8 bytes: numpy's own strings would drop a trailing NUL
-                entry = {"prompt": np.frombuffer(prompt.encode(), np.uint8), "tokens": count}
-                self.put(keys[i], {k: np.asarray(v) for k, v in entry.items()}, "prompts")
+                entry = {
+                    "prompt": np.frombuffer(prompt.encode(), np.uint8),
+                    "tokens": np.int64(count),
+                }
+                self.put(keys[i], entry, "prompts")
                 found[i] = entry
         prompts = [entry["prompt"].tobytes().decode() for entry in found]
         return prompts, [int(entry["tokens"]) for entry in found]
@@ -121,7 +124,7 @@ class ActivationStore:
     def enforce_cap(self) -> None:
         """Evict the least recently written entries (activations and prompts) until the store
         fits its cap (the model's own arrays, a few kilobytes written first, stay)."""
-        entries = [*self.root.glob("??/*.npz"), *self.root.glob("prompts/*.npz")]
+        entries = [*activation_files(self.root), *self.root.glob("prompts/*.npz")]
         entries.sort(key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in entries)
         for path in entries:
@@ -166,6 +169,12 @@ class ActivationStore:
         acts = torch.from_numpy(np.stack([e["acts"] for e in found]))
         final = torch.from_numpy(np.stack([e["final"] for e in found]))
         return acts, final, float(sum(float(e["seconds"]) for e in found))
+
+
+def activation_files(root: Path) -> list[Path]:
+    """The activation entries under a store's ``root``: one per prompt (and layers, shortcut),
+    not the model's arrays nor the prompts kept apart."""
+    return list(Path(root).glob("??/*.npz"))
 
 
 def _digest(parts: Sequence[str]) -> str:
